@@ -1,0 +1,50 @@
+# Every target a user needs is here; the README documents `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+CERTS := certs
+PORT ?= 8443
+
+.PHONY: install install-dev run certs test check lint typecheck bench soak clean
+
+$(BIN)/locust-webhook: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml $(BIN)/locust-webhook
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/locust-webhook
+
+install-dev: $(VENV)/.dev-installed
+
+$(CERTS)/tls.crt: | $(BIN)/locust-webhook
+	$(BIN)/locust-webhook certs --out-dir $(CERTS) --service localhost
+
+certs: $(CERTS)/tls.crt
+
+run: install certs
+	@echo "Serving on https://localhost:$(PORT) with LocustTests from examples/"
+	@echo "Send it a sample review from another shell:"
+	@echo "  curl -sS --cacert $(CERTS)/ca.crt -H 'Content-Type: application/json' \\"
+	@echo "       --data @examples/review-otel-master.json https://localhost:$(PORT)/mutate"
+	$(BIN)/locust-webhook serve --cert-file $(CERTS)/tls.crt --key-file $(CERTS)/tls.key \
+		--port $(PORT) --locusttests examples/
+
+test: check
+	$(BIN)/pytest
+
+lint: install-dev
+	$(BIN)/ruff check webhook tests
+	$(BIN)/ruff format --check webhook tests
+
+typecheck: install-dev
+	$(BIN)/mypy webhook
+
+check: lint typecheck
+
+clean:
+	rm -rf $(VENV) $(CERTS)/*.crt $(CERTS)/*.key .pytest_cache .mypy_cache .ruff_cache

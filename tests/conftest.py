@@ -1,0 +1,83 @@
+"""Shared test helpers: mutate a pod through the full path and check every invariant on the way."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import kubernetes_validate
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from webhook.config import MutationSettings  # noqa: E402
+from webhook.models import parse_locusttest  # noqa: E402
+from webhook.mutation import MutationResult, mutate  # noqa: E402
+from webhook.patch import diff  # noqa: E402
+
+# The oldest and newest Kubernetes versions the webhook supports (native sidecars: 1.29).
+SCHEMA_VERSIONS = ("1.29.0", "1.33.0")
+
+
+def validate_pod(pod: dict[str, Any]) -> None:
+    """Strict offline validation against the Kubernetes Pod schema."""
+    for version in SCHEMA_VERSIONS:
+        kubernetes_validate.validate(pod, version, strict=True)
+
+
+@dataclass
+class Mutated:
+    """A mutation's result with the patch the webhook would send."""
+
+    sent: dict[str, Any]
+    result: MutationResult
+    patch: list[dict[str, Any]]
+
+    @property
+    def pod(self) -> dict[str, Any]:
+        return self.result.pod
+
+    def container(self, index: int = 0) -> dict[str, Any]:
+        return dict(self.pod["spec"]["containers"][index])
+
+    def env(self, index: int = 0) -> list[dict[str, Any]]:
+        return list(self.container(index).get("env") or [])
+
+    def env_names(self, index: int = 0) -> list[str]:
+        return [e["name"] for e in self.env(index)]
+
+    def env_value(self, name: str, index: int = 0) -> Any:
+        values = [e.get("value") for e in self.env(index) if e["name"] == name]
+        assert len(values) <= 1, f"{name} defined {len(values)} times"
+        return values[0] if values else None
+
+
+def run_mutation(
+    pod: dict[str, Any],
+    test: dict[str, Any],
+    namespace: str = "default",
+    settings: MutationSettings | None = None,
+) -> Mutated:
+    """Mutate, then check: the input is untouched, the patch applies strictly to the pod as sent
+    and yields the wanted pod, the result is a valid Pod, and mutating again changes nothing."""
+    settings = settings or MutationSettings()
+    info = parse_locusttest(test)
+    sent = copy.deepcopy(pod)
+    result = mutate(pod, info, namespace, settings)
+    assert pod == sent, "mutate() changed the pod it was given"
+    patch = diff(pod, result.pod)
+    applied = jsonpatch.JsonPatch(patch).apply(copy.deepcopy(sent))
+    assert applied == result.pod, "the patch does not produce the wanted pod"
+    validate_pod(applied)
+    again = mutate(applied, info, namespace, settings)
+    assert diff(applied, again.pod) == [], "mutating twice differs from mutating once"
+    return Mutated(sent, result, patch)
+
+
+@pytest.fixture
+def settings() -> MutationSettings:
+    return MutationSettings()

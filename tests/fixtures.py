@@ -1,0 +1,193 @@
+"""Operator-shaped objects for tests, written after the locust-k8s-operator's samples.
+
+Pods look the way the Job controller submits them: `generateName`, no `name`, no namespace in
+the object (the namespace comes with the request), labels of the operator and of the Job.
+"""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from typing import Any
+
+OPERATOR_IMAGE = "locustio/locust:2.43.1"
+
+
+def locusttest(
+    name: str,
+    namespace: str = "default",
+    *,
+    otel: dict[str, Any] | None = None,
+    version: str = "v2",
+    annotations: dict[str, str] | None = None,
+    master_command: str = "--locustfile /lotest/src/locustfile.py",
+) -> dict[str, Any]:
+    """A LocustTest like the operator's samples (v2 unless asked; v1 has no observability)."""
+    metadata: dict[str, Any] = {"name": name, "namespace": namespace, "resourceVersion": "1"}
+    if annotations:
+        metadata["annotations"] = annotations
+    if version == "v1":
+        return {
+            "apiVersion": "locust.io/v1",
+            "kind": "LocustTest",
+            "metadata": metadata,
+            "spec": {
+                "masterCommandSeed": master_command,
+                "workerCommandSeed": "--locustfile /lotest/src/locustfile.py",
+                "workerReplicas": 2,
+                "image": OPERATOR_IMAGE,
+                "configMap": f"{name}-configmap",
+            },
+        }
+    spec: dict[str, Any] = {
+        "image": OPERATOR_IMAGE,
+        "master": {"command": master_command},
+        "worker": {"command": "--locustfile /lotest/src/locustfile.py", "replicas": 2},
+        "testFiles": {"configMapRef": f"{name}-scripts"},
+    }
+    if otel is not None:
+        spec["observability"] = {"openTelemetry": otel}
+    return {"apiVersion": "locust.io/v2", "kind": "LocustTest", "metadata": metadata, "spec": spec}
+
+
+def operator_pod(
+    test_name: str,
+    role: str,
+    *,
+    extra_args: list[str] | None = None,
+    env: list[dict[str, Any]] | None = None,
+    annotations: dict[str, str] | None = None,
+    with_exporter: bool = False,
+    workers: int = 2,
+) -> dict[str, Any]:
+    """A master or worker pod as the Job controller sends it for the operator's Job."""
+    base = test_name.replace(".", "-")
+    pod_name = f"{base}-{role}"
+    job_uid = str(uuid.uuid5(uuid.NAMESPACE_DNS, pod_name))
+    args = ["--locustfile", "/lotest/src/locustfile.py", *(extra_args or [])]
+    if role == "master":
+        args += [
+            "--master",
+            "--master-port=5557",
+            f"--expect-workers={workers}",
+            "--autostart",
+            "--autoquit",
+            "60",
+            "--enable-rebalancing",
+            "--only-summary",
+        ]
+        ports = [
+            {"containerPort": 5557, "name": "master-p1", "protocol": "TCP"},
+            {"containerPort": 5558, "name": "master-p2", "protocol": "TCP"},
+            {"containerPort": 8089, "name": "master-p3", "protocol": "TCP"},
+        ]
+    else:
+        args += ["--worker", "--master-port=5557", f"--master-host={base}-master"]
+        ports = [{"containerPort": 8080, "name": "worker-p1", "protocol": "TCP"}]
+    container: dict[str, Any] = {
+        "name": pod_name,
+        "image": OPERATOR_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "args": args,
+        "ports": ports,
+        "resources": {},
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+        "volumeMounts": [{"mountPath": "/lotest/src/", "name": f"{base}-{role}-locustfile"}],
+    }
+    if env is not None:
+        container["env"] = env
+    containers = [container]
+    if with_exporter:
+        containers.append(
+            {
+                "name": "locust-metrics-exporter",
+                "image": "containersol/locust_exporter:v0.5.0",
+                "env": [
+                    {"name": "LOCUST_EXPORTER_URI", "value": "http://localhost:8089"},
+                    {"name": "LOCUST_EXPORTER_WEB_LISTEN_ADDRESS", "value": ":9646"},
+                ],
+                "ports": [{"containerPort": 9646, "name": "locust-metrics", "protocol": "TCP"}],
+                "resources": {},
+            }
+        )
+    metadata: dict[str, Any] = {
+        "generateName": f"{pod_name}-",
+        "labels": {
+            "app": pod_name,
+            "managed-by": "locust-k8s-operator",
+            "performance-test-name": test_name,
+            "performance-test-pod-name": pod_name,
+            "batch.kubernetes.io/controller-uid": job_uid,
+            "batch.kubernetes.io/job-name": pod_name,
+            "controller-uid": job_uid,
+            "job-name": pod_name,
+        },
+        "ownerReferences": [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": pod_name,
+                "uid": job_uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": {
+            "containers": containers,
+            "restartPolicy": "Never",
+            "dnsPolicy": "ClusterFirst",
+            "schedulerName": "default-scheduler",
+            "terminationGracePeriodSeconds": 30,
+            "securityContext": {},
+            "volumes": [
+                {
+                    "name": f"{base}-{role}-locustfile",
+                    "configMap": {"name": f"{test_name}-scripts", "defaultMode": 420},
+                }
+            ],
+        },
+        "status": {},
+    }
+
+
+def review(
+    pod: dict[str, Any],
+    namespace: str = "default",
+    *,
+    uid: str | None = None,
+    api_version: str = "admission.k8s.io/v1",
+    operation: str = "CREATE",
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """An AdmissionReview as the API server sends it for a pod CREATE."""
+    return {
+        "apiVersion": api_version,
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid or str(uuid.uuid4()),
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+            "name": "",
+            "namespace": namespace,
+            "operation": operation,
+            "userInfo": {
+                "username": "system:serviceaccount:kube-system:job-controller",
+                "uid": "2b1c3d4e-0000-4000-8000-000000000001",
+                "groups": ["system:serviceaccounts", "system:authenticated"],
+            },
+            "object": copy.deepcopy(pod),
+            "oldObject": None,
+            "dryRun": dry_run,
+            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
+        },
+    }

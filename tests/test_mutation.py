@@ -1,0 +1,486 @@
+"""SPEC sections 3-6, row by row, on operator-shaped pods. Every case goes through
+`run_mutation`, which also checks the patch against the pod as sent, the Pod schema, and
+idempotency."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from conftest import run_mutation
+from fixtures import locusttest, operator_pod
+
+from webhook.config import MutationSettings
+from webhook.models import parse_locusttest
+from webhook.mutation import NoTarget, mutate
+
+ENDPOINT = "http://otel-collector.monitoring:4317"
+
+
+def otel(**fields: Any) -> dict[str, Any]:
+    return {"enabled": True, "endpoint": ENDPOINT, **fields}
+
+
+def status(pod: dict[str, Any]) -> dict[str, Any]:
+    return dict(json.loads(pod["metadata"]["annotations"]["observability.locust.io/status"]))
+
+
+# --- Section 3: role and target container -------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_role_comes_from_locust_args(role: str) -> None:
+    pod = operator_pod("demo", role)
+    pod["metadata"]["labels"]["performance-test-pod-name"] = "something-else"
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.role == role
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_role_falls_back_to_pod_name_label(role: str) -> None:
+    pod = operator_pod("demo", role)
+    pod["spec"]["containers"][0]["args"] = ["--locustfile", "/lotest/src/locustfile.py"]
+    m = run_mutation(pod, locusttest("demo"))
+    assert m.result.role == role
+
+
+def test_unknown_role_gets_no_sidecar() -> None:
+    pod = operator_pod("demo", "master")
+    pod["spec"]["containers"][0]["args"] = ["--locustfile", "/lotest/src/locustfile.py"]
+    pod["metadata"]["labels"]["performance-test-pod-name"] = "demo-runner"
+    m = run_mutation(pod, locusttest("demo"))
+    assert m.result.role == "unknown"
+    assert m.patch == []
+
+
+def test_target_is_container_named_like_pod_name_label() -> None:
+    pod = operator_pod("demo", "worker")
+    helper = {"name": "helper", "image": "busybox:1.36", "args": ["--worker"]}
+    pod["spec"]["containers"].insert(0, helper)
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-worker"
+    assert "env" not in m.container(0)
+    assert "--otel" in m.container(1)["args"]
+
+
+def test_target_is_first_locust_container_without_label_match() -> None:
+    pod = operator_pod("demo", "worker")
+    pod["metadata"]["labels"].pop("performance-test-pod-name")
+    pod["spec"]["containers"].insert(0, {"name": "istio-proxy", "image": "istio/proxyv2:1.22"})
+    pod["spec"]["containers"].insert(0, {"name": "log-shipper", "image": "fluent/fluent-bit:3"})
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-worker"
+
+
+def test_target_is_first_container_when_nothing_looks_like_locust() -> None:
+    pod = operator_pod("demo", "worker")
+    pod["metadata"]["labels"].pop("performance-test-pod-name")
+    pod["spec"]["containers"][0].update(image="example.com/load:1", args=["--worker"])
+    pod["spec"]["containers"][0]["args"] = ["run"]
+    pod["spec"]["containers"].append({"name": "second", "image": "example.com/other:1"})
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-worker"
+
+
+def test_container_annotation_overrides_the_choice() -> None:
+    pod = operator_pod("demo", "worker", annotations={"observability.locust.io/container": "load"})
+    pod["spec"]["containers"].append({"name": "load", "image": "example.com/load:1"})
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "load"
+    assert "OTEL_TRACES_EXPORTER" in m.env_names(1)
+    assert "env" not in m.container(0)
+
+
+@pytest.mark.parametrize("named", ["missing", "locust-metrics-exporter"])
+def test_container_annotation_naming_no_usable_container_is_refused(named: str) -> None:
+    pod = operator_pod("demo", "master", with_exporter=True)
+    pod["metadata"]["annotations"] = {"observability.locust.io/container": named}
+    with pytest.raises(NoTarget):
+        mutate(pod, parse_locusttest(locusttest("demo")), "default", MutationSettings())
+
+
+def test_exporter_and_mesh_proxy_are_never_the_target() -> None:
+    pod = operator_pod("demo", "master", with_exporter=True)
+    pod["metadata"]["labels"].pop("performance-test-pod-name")
+    pod["spec"]["containers"].reverse()
+    pod["spec"]["containers"].insert(0, {"name": "linkerd-proxy", "image": "cr.l5d.io/proxy:2"})
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-master"
+
+
+# --- Section 4.1: OTel env ----------------------------------------------------------------
+
+
+def test_otel_env_in_spec_order_with_sorted_extras() -> None:
+    test = locusttest(
+        "demo",
+        otel=otel(
+            protocol="grpc",
+            insecure=True,
+            extraEnvVars={"OTEL_TRACES_SAMPLER_ARG": "0.1", "OTEL_TRACES_SAMPLER": "traceidratio"},
+        ),
+    )
+    m = run_mutation(operator_pod("demo", "worker"), test)
+    assert m.env_names() == [
+        "OTEL_TRACES_EXPORTER",
+        "OTEL_METRICS_EXPORTER",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_INSECURE",
+        "OTEL_TRACES_SAMPLER",
+        "OTEL_TRACES_SAMPLER_ARG",
+        "OTEL_SERVICE_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES_POD_NAME",
+        "OTEL_RESOURCE_ATTRIBUTES",
+    ]
+    assert m.env_value("OTEL_TRACES_EXPORTER") == "otlp"
+    assert m.env_value("OTEL_METRICS_EXPORTER") == "otlp"
+    assert m.env_value("OTEL_EXPORTER_OTLP_ENDPOINT") == ENDPOINT
+    assert m.env_value("OTEL_EXPORTER_OTLP_INSECURE") == "true"
+    assert m.env_value("OTEL_TRACES_SAMPLER_ARG") == "0.1"
+
+
+def test_endpoint_omitted_when_empty_and_protocol_defaults_to_grpc() -> None:
+    m = run_mutation(operator_pod("demo", "worker"), locusttest("demo", otel={"enabled": True}))
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in m.env_names()
+    assert m.env_value("OTEL_EXPORTER_OTLP_PROTOCOL") == "grpc"
+    assert any("without an endpoint" in w for w in m.result.warnings)
+
+
+def test_insecure_false_sets_no_variable() -> None:
+    m = run_mutation(operator_pod("demo", "worker"), locusttest("demo", otel=otel(insecure=False)))
+    assert "OTEL_EXPORTER_OTLP_INSECURE" not in m.env_names()
+
+
+def test_existing_otel_env_is_not_overridden_nor_duplicated() -> None:
+    own = [
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://mine:4317"},
+        {"name": "OTEL_SERVICE_NAME", "value": "mine"},
+        {"name": "TARGET_HOST", "value": "https://api.example.com"},
+    ]
+    m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
+    assert m.env()[:3] == own
+    assert m.env_value("OTEL_EXPORTER_OTLP_ENDPOINT") == "http://mine:4317"
+    assert m.env_value("OTEL_SERVICE_NAME") == "mine"
+    assert len(m.env_names()) == len(set(m.env_names()))
+
+
+def test_extra_env_overrides_a_standard_value_without_repeating_it() -> None:
+    test = locusttest("demo", otel=otel(extraEnvVars={"OTEL_METRICS_EXPORTER": "none"}))
+    m = run_mutation(operator_pod("demo", "worker"), test)
+    assert m.env_value("OTEL_METRICS_EXPORTER") == "none"
+    assert m.env_names().index("OTEL_METRICS_EXPORTER") == 1
+
+
+def test_pod_configured_natively_by_the_operator_gets_an_empty_patch() -> None:
+    test = locusttest("demo", otel=otel())
+    first = run_mutation(operator_pod("demo", "master"), test)
+    native = operator_pod("demo", "master", env=first.env())
+    native["spec"]["containers"][0]["args"] = first.container()["args"]
+    m = run_mutation(native, test)
+    assert m.patch == []
+
+
+# --- Section 4.2: --otel ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+def test_otel_flag_goes_before_the_mode_flag(role: str) -> None:
+    m = run_mutation(operator_pod("demo", role), locusttest("demo", otel=otel()))
+    args = m.container()["args"]
+    assert args.count("--otel") == 1
+    assert args.index("--otel") == args.index(f"--{role}") - 1
+    assert args[:2] == ["--locustfile", "/lotest/src/locustfile.py"]
+
+
+def test_otel_flag_goes_last_without_mode_flag() -> None:
+    pod = operator_pod("demo", "worker")
+    pod["spec"]["containers"][0]["args"] = ["--locustfile", "/lotest/src/locustfile.py"]
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.container()["args"][-1] == "--otel"
+
+
+def test_args_are_created_when_missing() -> None:
+    pod = operator_pod("demo", "worker")
+    container = pod["spec"]["containers"][0]
+    container.pop("args")
+    container["command"] = ["locust", "--worker"]
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert {"op": "add", "path": "/spec/containers/0/args", "value": ["--otel"]} in m.patch
+
+
+def test_existing_otel_flag_is_kept_once() -> None:
+    pod = operator_pod("demo", "worker", extra_args=["--otel"])
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.container()["args"].count("--otel") == 1
+
+
+def test_shell_wrapped_locust_gets_the_env_switch_instead_of_the_flag() -> None:
+    pod = operator_pod("demo", "worker")
+    container = pod["spec"]["containers"][0]
+    container["command"] = ["/bin/sh", "-c"]
+    container["args"] = ["pip install faker && locust -f /lotest/src/locustfile.py --worker"]
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.container()["args"] == container["args"]
+    assert m.env_value("LOCUST_ENABLE_OPENTELEMETRY") == "true"
+    assert m.result.role == "worker"
+
+
+# --- Section 4.3: no exporter with OTel -----------------------------------------------------
+
+
+def test_otel_removes_exporter_container_and_its_annotations() -> None:
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+              "prometheus.io/port": "9646", "team": "platform"}
+    pod = operator_pod("demo", "master", with_exporter=True, annotations=scrape)
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    names = [c["name"] for c in m.pod["spec"]["containers"]]
+    assert names == ["demo-master"]
+    annotations = m.pod["metadata"]["annotations"]
+    assert not any(k.startswith("prometheus.io/") for k in annotations)
+    assert annotations["team"] == "platform"
+    assert {"op": "remove", "path": "/spec/containers/1"} in m.patch
+    assert {"op": "remove", "path": "/metadata/annotations/prometheus.io~1port"} in m.patch
+    assert status(m.pod)["removed"][0] == "containers:locust-metrics-exporter"
+
+
+def test_otel_removes_native_exporter_sidecar() -> None:
+    exporter_only = run_mutation(operator_pod("demo", "master"), locusttest("demo")).pod
+    m = run_mutation(exporter_only, locusttest("demo", otel=otel()))
+    assert "initContainers" not in m.pod["spec"]
+    assert {"op": "remove", "path": "/spec/initContainers"} in m.patch
+
+
+def test_otel_keeps_scrape_annotations_aimed_elsewhere() -> None:
+    own = {"prometheus.io/scrape": "true", "prometheus.io/port": "8089"}
+    m = run_mutation(operator_pod("demo", "master", annotations=own), locusttest("demo", otel=otel()))
+    assert m.pod["metadata"]["annotations"]["prometheus.io/port"] == "8089"
+
+
+# --- Sections 4.4, 4.5: resource attributes and service name ------------------------------
+
+
+def test_resource_attributes_merge_with_users_keys_winning() -> None:
+    user = "service.name=checkout,k8s.namespace.name=custom,env=staging"
+    test = locusttest("team-a.load-test", "perf",
+                      otel=otel(extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": user}))
+    m = run_mutation(operator_pod("team-a.load-test", "master"), test, namespace="perf")
+    assert m.env_names()[-2:] == ["OTEL_RESOURCE_ATTRIBUTES_POD_NAME", "OTEL_RESOURCE_ATTRIBUTES"]
+    assert m.env()[-2]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert m.env_value("OTEL_RESOURCE_ATTRIBUTES") == (
+        "service.name=checkout,k8s.namespace.name=custom,env=staging,"
+        "k8s.pod.name=$(OTEL_RESOURCE_ATTRIBUTES_POD_NAME),"
+        "locust.test.name=team-a.load-test,locust.role=master"
+    )
+
+
+def test_resource_attributes_without_user_attributes() -> None:
+    m = run_mutation(operator_pod("demo", "worker"), locusttest("demo", "ns1", otel=otel()), "ns1")
+    assert m.env_value("OTEL_RESOURCE_ATTRIBUTES") == (
+        "k8s.namespace.name=ns1,k8s.pod.name=$(OTEL_RESOURCE_ATTRIBUTES_POD_NAME),"
+        "locust.test.name=demo,locust.role=worker"
+    )
+
+
+def test_enrichment_off_passes_user_attributes_through_last() -> None:
+    test = locusttest("demo", otel=otel(extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": "env=dev",
+                                                       "OTEL_TRACES_SAMPLER": "always_on"}))
+    m = run_mutation(operator_pod("demo", "worker"), test,
+                     settings=MutationSettings(resource_attributes=False))
+    assert m.env_names()[-1] == "OTEL_RESOURCE_ATTRIBUTES"
+    assert m.env_value("OTEL_RESOURCE_ATTRIBUTES") == "env=dev"
+    assert "OTEL_RESOURCE_ATTRIBUTES_POD_NAME" not in m.env_names()
+
+
+def test_pods_own_resource_attributes_are_left_alone() -> None:
+    own = [{"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "service.name=own"}]
+    m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
+    assert m.env_value("OTEL_RESOURCE_ATTRIBUTES") == "service.name=own"
+    assert m.env_value("OTEL_SERVICE_NAME") == "own"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({}, "team-a.load-test"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs,x=1"}, "from-attrs"),
+        ({"OTEL_SERVICE_NAME": "explicit", "OTEL_RESOURCE_ATTRIBUTES": "service.name=x"},
+         "explicit"),
+    ],
+)
+def test_service_name(extra: dict[str, str], expected: str) -> None:
+    test = locusttest("team-a.load-test", otel=otel(extraEnvVars=extra))
+    m = run_mutation(operator_pod("team-a.load-test", "worker"), test)
+    assert m.env_value("OTEL_SERVICE_NAME") == expected
+    assert m.env_names().count("OTEL_SERVICE_NAME") == 1
+
+
+# --- Section 4: the endpoint / protocol / insecure table -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("protocol", "endpoint", "extra", "insecure", "warned"),
+    [
+        ("grpc", "http://otel:4317", {}, False, None),
+        ("grpc", "http://otel:4317", {}, True, None),
+        ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "false"}, False, "TLS"),
+        ("grpc", "otel:4317", {}, True, None),
+        ("grpc", "otel:4317", {}, False, "no scheme"),
+        ("grpc", "otel:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "false"}, False, "no scheme"),
+        ("grpc", "https://otel.example.com:4317", {}, False, None),
+        ("http/protobuf", "http://otel:4318", {}, False, None),
+        ("http/protobuf", "otel:4318", {}, False, "fails at once"),
+        ("grpc", "http://otel:4318", {}, False, "4318"),
+        ("http/protobuf", "http://otel:4317", {}, False, "4317"),
+    ],
+)
+def test_endpoint_protocol_insecure_table(
+    protocol: str, endpoint: str, extra: dict[str, str], insecure: bool, warned: str | None
+) -> None:
+    test = locusttest("demo", otel={"enabled": True, "endpoint": endpoint, "protocol": protocol,
+                                    "insecure": insecure, "extraEnvVars": extra})
+    warnings = run_mutation(operator_pod("demo", "worker"), test).result.warnings
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0], warnings
+
+
+# --- Section 5: exporter sidecar ----------------------------------------------------------
+
+
+def test_master_gets_native_exporter_sidecar_and_scrape_annotations() -> None:
+    m = run_mutation(operator_pod("demo", "master"), locusttest("demo"))
+    [sidecar] = m.pod["spec"]["initContainers"]
+    assert sidecar["name"] == "locust-metrics-exporter"
+    assert sidecar["image"] == "containersol/locust_exporter:v0.5.0"
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["env"] == [
+        {"name": "LOCUST_EXPORTER_URI", "value": "http://localhost:8089"},
+        {"name": "LOCUST_EXPORTER_WEB_LISTEN_ADDRESS", "value": ":9646"},
+    ]
+    assert sidecar["ports"][0]["containerPort"] == 9646
+    assert sidecar["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
+    }
+    annotations = m.pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    assert annotations["prometheus.io/port"] == "9646"
+    assert status(m.pod)["mode"] == "exporter"
+    assert m.pod["spec"]["containers"] == m.sent["spec"]["containers"]
+
+
+def test_container_mode_and_configured_exporter() -> None:
+    settings = MutationSettings(
+        sidecar_mode="container", exporter_image="registry.local/exporter:1", exporter_port=9700,
+        exporter_pull_policy="Always", exporter_cpu_limit="200m", exporter_memory_limit="",
+    )
+    m = run_mutation(operator_pod("demo", "master"), locusttest("demo"), settings=settings)
+    sidecar = m.pod["spec"]["containers"][-1]
+    assert "initContainers" not in m.pod["spec"]
+    assert "restartPolicy" not in sidecar
+    assert sidecar["image"] == "registry.local/exporter:1"
+    assert sidecar["imagePullPolicy"] == "Always"
+    assert sidecar["resources"] == {"requests": {"cpu": "10m", "memory": "32Mi"},
+                                    "limits": {"cpu": "200m"}}
+    assert m.pod["metadata"]["annotations"]["prometheus.io/port"] == "9700"
+
+
+@pytest.mark.parametrize("args", [["--web-port", "8090"], ["--web-port=8090"]])
+def test_exporter_follows_web_port(args: list[str]) -> None:
+    m = run_mutation(operator_pod("demo", "master", extra_args=args), locusttest("demo"))
+    uri = m.pod["spec"]["initContainers"][0]["env"][0]["value"]
+    assert uri == "http://localhost:8090"
+
+
+def test_exporter_is_not_added_twice_to_v1_operator_pods() -> None:
+    pod = operator_pod("demo", "master", with_exporter=True)
+    m = run_mutation(pod, locusttest("demo", version="v1"))
+    assert "initContainers" not in m.pod["spec"]
+    assert [c["name"] for c in m.pod["spec"]["containers"]].count("locust-metrics-exporter") == 1
+
+
+def test_pods_own_scrape_annotations_win_with_a_warning() -> None:
+    own = {"prometheus.io/scrape": "true", "prometheus.io/port": "8089"}
+    m = run_mutation(operator_pod("demo", "master", annotations=own), locusttest("demo"))
+    annotations = m.pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == "8089"
+    assert "prometheus.io/path" not in annotations
+    assert any("8089" in w for w in m.result.warnings)
+
+
+def test_worker_without_otel_is_untouched() -> None:
+    m = run_mutation(operator_pod("demo", "worker"), locusttest("demo"))
+    assert m.patch == []
+    assert m.result.mode == "none"
+
+
+def test_v1_locusttest_means_exporter() -> None:
+    m = run_mutation(operator_pod("demo", "master"), locusttest("demo", version="v1"))
+    assert m.result.mode == "exporter"
+    assert m.pod["spec"]["initContainers"][0]["name"] == "locust-metrics-exporter"
+
+
+def test_disabled_otel_leaves_pods_otel_settings_alone() -> None:
+    own = [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://x:4317"}]
+    pod = operator_pod("demo", "master", env=own, extra_args=["--otel"])
+    m = run_mutation(pod, locusttest("demo", otel={"enabled": False, "endpoint": ENDPOINT}))
+    assert m.env() == own
+    assert "--otel" in m.container()["args"]
+
+
+# --- Section 6: idempotency, minimal patches, status, opt-out ------------------------------
+
+
+def test_patch_is_minimal_for_an_otel_worker() -> None:
+    m = run_mutation(operator_pod("demo", "worker"), locusttest("demo", otel=otel()))
+    assert [(op["op"], op["path"]) for op in m.patch] == [
+        ("add", "/metadata/annotations"),
+        ("add", "/spec/containers/0/args/2"),
+        ("add", "/spec/containers/0/env"),
+    ]
+
+
+def test_env_is_appended_item_by_item_when_present() -> None:
+    own = [{"name": "TARGET_HOST", "value": "https://api.example.com"}]
+    m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
+    env_ops = [op for op in m.patch if "/env" in op["path"]]
+    assert all(op == {"op": "add", "path": "/spec/containers/0/env/-", "value": op["value"]}
+               for op in env_ops)
+    assert len(env_ops) == len(m.env()) - 1
+
+
+def test_annotation_keys_are_escaped_when_annotations_exist() -> None:
+    m = run_mutation(operator_pod("demo", "master", annotations={"a/b~c": "1"}), locusttest("demo"))
+    paths = {op["path"] for op in m.patch}
+    assert "/metadata/annotations/prometheus.io~1scrape" in paths
+    assert "/metadata/annotations/observability.locust.io~1status" in paths
+
+
+def test_status_annotation_records_what_was_done() -> None:
+    m = run_mutation(operator_pod("demo", "worker"), locusttest("demo", otel=otel()))
+    recorded = status(m.pod)
+    assert recorded["mode"] == "otel"
+    assert recorded["container"] == "demo-worker"
+    assert "arg:--otel" in recorded["added"]
+    assert "env:OTEL_TRACES_EXPORTER" in recorded["added"]
+
+
+def test_opt_out_annotation() -> None:
+    pod = operator_pod("demo", "master", annotations={"observability.locust.io/inject": "false"})
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.patch == []
+    assert m.result.mode == "opted-out"
+
+
+def test_job_name_mismatch_is_noted() -> None:
+    pod = operator_pod("team.a", "master")
+    m = run_mutation(pod, locusttest("team.a"))
+    assert m.result.notes == []
+    pod["metadata"]["ownerReferences"][0]["name"] = "something-else"
+    m = run_mutation(pod, locusttest("team.a"))
+    assert "team-a-master" in m.result.notes[0]

@@ -1,0 +1,1 @@
+"""Locust observability admission webhook."""

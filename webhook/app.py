@@ -1,0 +1,88 @@
+"""Flask factory: routes, size and content-type checks, body reading. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+from flask import Flask, Response, request
+from werkzeug.exceptions import MethodNotAllowed
+
+from . import metrics
+from .handler import Handler
+from .lookup import LocustTestSource
+from .review import BadReview
+
+log = logging.getLogger(__name__)
+JSON = "application/json"
+
+
+def _error(status: int, message: str, close: bool = False) -> Response:
+    metrics.BAD_REQUESTS.labels(str(status)).inc()
+    log.info("refused", extra={"status": status, "path": request.path, "error": message})
+    response = Response(orjson.dumps({"error": message}), status=status, mimetype=JSON)
+    if close:
+        # The rest of an oversized or unreadable body is not worth reading to keep the connection.
+        response.headers["Connection"] = "close"
+    return response
+
+
+def _read_body(limit: int) -> bytes | Response:
+    """The request body, or the error response when it is too large or unreadable. Chunked
+    bodies carry no Content-Length, so the limit is enforced while reading."""
+    length = request.content_length
+    if length is not None and length > limit:
+        return _error(413, f"body of {length} bytes is over the limit of {limit} bytes", True)
+    try:
+        body = request.stream.read(limit + 1)
+    except Exception as exc:  # the server's body reader raises its own types for bad framing
+        log.info("unreadable request body: %s", exc)
+        return _error(400, "the request body could not be read", True)
+    if len(body) > limit:
+        return _error(413, f"body is over the limit of {limit} bytes", True)
+    return body
+
+
+def create_app(handler: Handler, source: LocustTestSource, max_body_bytes: int) -> Flask:
+    """The WSGI app serving /mutate, /healthz, /readyz and /metrics."""
+    app = Flask("webhook")
+
+    @app.route("/mutate", methods=["POST"])
+    def mutate() -> Response:
+        if request.mimetype != JSON:
+            return _error(415, f"Content-Type must be {JSON}")
+        body = _read_body(max_body_bytes)
+        if isinstance(body, Response):
+            return body
+        try:
+            answer = handler.handle(body)
+        except BadReview as exc:
+            return _error(400, str(exc))
+        return Response(answer, mimetype=JSON)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response("ok\n", mimetype="text/plain")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        if source.ready():
+            return Response("ok\n", mimetype="text/plain")
+        return Response("LocustTest cache not synced yet\n", status=503, mimetype="text/plain")
+
+    @app.get("/metrics")
+    def metrics_endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, content_type=content_type)
+
+    @app.errorhandler(405)
+    def method_not_allowed(exc: MethodNotAllowed) -> Response:
+        response = _error(405, f"method {request.method} is not allowed on {request.path}")
+        response.headers["Allow"] = ", ".join(exc.valid_methods or ())
+        return response
+
+    @app.errorhandler(404)
+    def not_found(_: Exception) -> Response:
+        return _error(404, f"no route {request.path}; admission reviews go to POST /mutate")
+
+    return app

@@ -1,0 +1,189 @@
+"""`locust-webhook`: serve, inject, certs."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
+
+import orjson
+import yaml
+
+from .config import (
+    MUTATION_OPTIONS,
+    SERVE_OPTIONS,
+    SettingError,
+    add_options,
+    mutation_settings,
+    serve_settings,
+)
+
+
+class UsageError(Exception):
+    """Bad input to a command: printed without a traceback, exit code 2."""
+
+
+@contextlib.contextmanager
+def metrics_dir() -> Iterator[None]:
+    """Give the workers a shared Prometheus multiprocess directory, before prometheus_client is
+    imported (it picks its storage at import)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="locust-webhook-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start the HTTPS server."""
+    settings = serve_settings(args)
+    with metrics_dir():
+        from .server import serve
+        from .tls import CertificateError
+
+        try:
+            serve(settings)
+        except CertificateError as exc:
+            raise UsageError(f"--cert-file/--key-file: {exc}") from None
+    return 0
+
+
+def _load_documents(path: str) -> list[Any]:
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    try:
+        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not YAML or JSON: {exc}") from None
+
+
+def _pick_locusttest(path: str, wanted: str | None) -> Any:
+    from .models import InvalidLocustTest, parse_locusttest
+
+    tests = [
+        d for d in _load_documents(path) if isinstance(d, dict) and d.get("kind") == "LocustTest"
+    ]
+    if not tests:
+        raise UsageError(f"{path} holds no LocustTest")
+    chosen = next((t for t in tests if (t.get("metadata") or {}).get("name") == wanted), tests[0])
+    try:
+        return parse_locusttest(chosen)
+    except InvalidLocustTest as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def run_inject(args: argparse.Namespace) -> int:
+    """Mutate a Pod or a Job's pod template offline, with the same code the server runs."""
+    from .mutation import MalformedPod, NoTarget, mutate
+    from .mutation.pod import TEST_NAME_LABEL
+    from .patch import diff
+
+    settings = mutation_settings(args)
+    documents = _load_documents(args.file)
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise UsageError(f"{args.file} must hold exactly one Pod or Job")
+    obj = documents[0]
+    kind = obj.get("kind")
+    pod: Any = obj
+    prefix = ""
+    if kind == "Job":
+        pod, prefix = (obj.get("spec") or {}).get("template"), "/spec/template"
+        if not isinstance(pod, dict):
+            raise UsageError("the Job has no spec.template")
+    elif kind != "Pod":
+        raise UsageError(f"{args.file}: expected a Pod or a Job, got kind {kind!r}")
+    label = ((pod.get("metadata") or {}).get("labels") or {}).get(TEST_NAME_LABEL)
+    test = _pick_locusttest(args.locusttest, label)
+    err: TextIO = sys.stderr
+    if label != test.name:
+        print(
+            f"warning: the pod's {TEST_NAME_LABEL} label is {label!r}, not {test.name!r}; "
+            "the server would not use this LocustTest",
+            file=err,
+        )
+    namespace = args.namespace or obj.get("metadata", {}).get("namespace") or test.namespace
+    try:
+        result = mutate(pod, test, namespace, settings)
+    except (MalformedPod, NoTarget) as exc:
+        raise UsageError(f"cannot inject: {exc}") from None
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=err)
+    if args.output == "patch":
+        ops = [{**op, "path": prefix + op["path"]} for op in diff(pod, result.pod)]
+        sys.stdout.write(orjson.dumps(ops, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    mutated = (
+        result.pod if kind == "Pod" else {**obj, "spec": {**obj["spec"], "template": result.pod}}
+    )
+    if args.output == "json":
+        sys.stdout.write(orjson.dumps(mutated, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        sys.stdout.write(yaml.safe_dump(mutated, sort_keys=False))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every setting with its environment variable and default in --help."""
+    parser = argparse.ArgumentParser(
+        prog="locust-webhook",
+        description="Admission webhook that gives Locust load tests their observability.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the webhook over HTTPS (gunicorn)")
+    add_options(serve, SERVE_OPTIONS)
+    add_options(serve, MUTATION_OPTIONS)
+    serve.set_defaults(func=run_serve)
+
+    inject = commands.add_parser(
+        "inject", help="mutate a Pod or Job file offline and print the result"
+    )
+    inject.add_argument("-f", "--file", required=True, help="Pod or Job (YAML/JSON), - for stdin")
+    inject.add_argument("--locusttest", required=True, help="file with the LocustTest (YAML)")
+    inject.add_argument(
+        "-o",
+        "--output",
+        choices=("yaml", "json", "patch"),
+        default="yaml",
+        help="print the mutated object, or the RFC 6902 patch",
+    )
+    inject.add_argument(
+        "-n",
+        "--namespace",
+        default="",
+        help="namespace of the pod (default: the object's, else the LocustTest's)",
+    )
+    add_options(inject, MUTATION_OPTIONS)
+    inject.set_defaults(func=run_inject)
+
+    from .certs import add_parser as add_certs_parser
+
+    add_certs_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except (SettingError, UsageError) as exc:
+        print(f"locust-webhook {args.command}: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""The only orchestrator: review in, answer out. The failure policy lives here, once."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import metrics
+from .config import MutationSettings
+from .lookup import LocustTestSource, SourceUnavailable
+from .models import LocustTestInfo
+from .mutation import MalformedPod, MutationResult, NoTarget, mutate, opted_out
+from .mutation.pod import TEST_NAME_LABEL
+from .patch import diff
+from .review import (
+    BadReview,
+    ResponseDict,
+    Review,
+    allowed,
+    denied,
+    envelope,
+    parse_review,
+    patched,
+)
+
+log = logging.getLogger("webhook.admission")
+
+
+@dataclass
+class Outcome:
+    """What happened to one admission, for the response, the log line and the metrics."""
+
+    response: ResponseDict
+    outcome: str
+    reason: str
+    test: str = ""
+    role: str = ""
+
+
+class Handler:
+    """Turns an AdmissionReview body into the AdmissionReview answer."""
+
+    def __init__(
+        self, source: LocustTestSource, settings: MutationSettings, failure_policy: str = "open"
+    ) -> None:
+        self.source = source
+        self.settings = settings
+        self.fail_closed = failure_policy == "closed"
+
+    def handle(self, body: bytes) -> bytes:
+        """Answer one review. Raises BadReview (the caller's fault: HTTP 400)."""
+        started = time.perf_counter()
+        review = parse_review(body)
+        result = self._decide(review)
+        elapsed = time.perf_counter() - started
+        metrics.ADMISSIONS.labels(result.outcome, result.reason).inc()
+        metrics.LATENCY.observe(elapsed)
+        pod = review.object if isinstance(review.object, dict) else {}
+        metadata = pod.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = {}
+        log.info(
+            "admission",
+            extra={
+                "uid": review.uid,
+                "namespace": review.namespace,
+                "pod": metadata.get("generateName") or metadata.get("name") or "",
+                "locusttest": result.test,
+                "role": result.role,
+                "outcome": result.outcome,
+                "reason": result.reason,
+                "dry_run": review.dry_run,
+                "ms": round(elapsed * 1000, 3),
+            },
+        )
+        return envelope(review.api_version, result.response)
+
+    def _refuse_or_allow(
+        self, review: Review, reason: str, message: str, required: bool = False
+    ) -> Outcome:
+        """The failure policy: deny when failing closed, else admit unchanged with a warning."""
+        if self.fail_closed or required:
+            return Outcome(denied(review.uid, message), "denied", reason)
+        return Outcome(allowed(review.uid, [message]), "failed_open", reason)
+
+    def _decide(self, review: Review) -> Outcome:
+        if not review.is_pod_create:
+            return Outcome(allowed(review.uid), "skipped", "not-pod-create")
+        pod = review.object
+        if not isinstance(pod, dict):
+            raise BadReview("request.object must be a Pod object")
+        metadata = pod.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = {}
+        pod_labels = metadata.get("labels")
+        test_name = pod_labels.get(TEST_NAME_LABEL) if isinstance(pod_labels, dict) else None
+        if not isinstance(test_name, str) or not test_name:
+            return Outcome(allowed(review.uid), "skipped", "no-test-label")
+        namespace = review.namespace or str(metadata.get("namespace") or "")
+        try:
+            if opted_out(pod):
+                return Outcome(allowed(review.uid), "skipped", "opted-out", test_name)
+            if not namespace:
+                raise MalformedPod("the request has no namespace")
+            test = self.source.get(namespace, test_name)
+        except MalformedPod as exc:
+            return Outcome(
+                allowed(review.uid, [f"pod not mutated: {exc}"]), "skipped", "malformed-pod"
+            )
+        except SourceUnavailable as exc:
+            metrics.LOOKUPS.labels("unavailable").inc()
+            return self._refuse_or_allow(
+                review,
+                "api-unavailable",
+                f"LocustTest {namespace}/{test_name} could not be read ({exc}): "
+                "observability was not injected",
+            )
+        if test is None:
+            return self._refuse_or_allow(
+                review,
+                "locusttest-not-found",
+                f"LocustTest {namespace}/{test_name} not found: observability was not injected",
+            )
+        return self._mutate(review, pod, test, namespace)
+
+    def _mutate(
+        self, review: Review, pod: dict[str, Any], test: LocustTestInfo, namespace: str
+    ) -> Outcome:
+        name = test.name
+        try:
+            result: MutationResult = mutate(pod, test, namespace, self.settings)
+            patch = diff(pod, result.pod)
+        except MalformedPod as exc:
+            return Outcome(
+                allowed(review.uid, [f"pod not mutated: {exc}"]), "skipped", "malformed-pod", name
+            )
+        except NoTarget as exc:
+            message = f"LocustTest {namespace}/{name}: observability was not injected: {exc}"
+            if test.required:
+                return Outcome(denied(review.uid, message), "denied", "no-target", name)
+            return Outcome(allowed(review.uid, [message]), "skipped", "no-target", name)
+        except Exception:
+            log.exception("mutation failed", extra={"uid": review.uid, "locusttest": name})
+            return self._refuse_or_allow(
+                review,
+                "internal-error",
+                f"LocustTest {namespace}/{name}: internal error while injecting observability",
+                test.required,
+            )
+        for note in result.notes:
+            log.warning(note, extra={"uid": review.uid, "locusttest": name})
+        outcome = "patched" if patch else "unchanged"
+        return Outcome(
+            patched(review.uid, patch, result.warnings), outcome, result.mode, name, result.role
+        )

@@ -1,0 +1,74 @@
+"""Prometheus metrics. Under gunicorn every worker writes to PROMETHEUS_MULTIPROC_DIR (set by
+`serve` before the workers fork) and `/metrics` aggregates all of them."""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+ADMISSIONS = Counter(
+    "locust_webhook_admissions_total",
+    "Admission reviews answered, by outcome (patched, unchanged, skipped, denied, "
+    "failed_open) and reason",
+    ["outcome", "reason"],
+)
+BAD_REQUESTS = Counter(
+    "locust_webhook_bad_requests_total",
+    "Requests refused before admission, by HTTP status",
+    ["status"],
+)
+LATENCY = Histogram(
+    "locust_webhook_admission_duration_seconds",
+    "Time spent answering one admission review (inside the server)",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+CACHE_SIZE = Gauge(
+    "locust_webhook_locusttests_cached",
+    "LocustTests in the worker's cache",
+    multiprocess_mode="livemax",
+)
+CACHE_SYNCED = Gauge(
+    "locust_webhook_cache_synced",
+    "1 once the worker's LocustTest cache has completed its first list",
+    multiprocess_mode="livemin",
+)
+WATCH_RESTARTS = Counter(
+    "locust_webhook_watch_restarts_total",
+    "LocustTest watch restarts, by reason (expired, error, closed)",
+    ["reason"],
+)
+LOOKUPS = Counter(
+    "locust_webhook_lookups_total",
+    "LocustTest lookups, by result (cache_hit, direct_get, not_found, unavailable)",
+    ["result"],
+)
+CERT_EXPIRY = Gauge(
+    "locust_webhook_certificate_expiry_timestamp_seconds",
+    "notAfter of the serving certificate, as a Unix timestamp",
+    multiprocess_mode="livemin",
+)
+CERT_RELOADS = Counter(
+    "locust_webhook_certificate_reloads_total",
+    "Serving certificate reloads, by result (loaded, rejected)",
+    ["result"],
+)
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition text for `/metrics`, aggregated over workers when running under gunicorn."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

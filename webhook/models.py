@@ -1,0 +1,98 @@
+"""What the webhook keeps of a LocustTest: parsed once, when it enters the cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_PROTOCOL = "grpc"
+PROTOCOLS = ("grpc", "http/protobuf")
+REQUIRED_ANNOTATION = "observability.locust.io/required"
+
+
+class InvalidLocustTest(ValueError):
+    """The object is not a LocustTest we can read (no name, wrong shape)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OtelSpec:
+    """`spec.observability.openTelemetry` of a v2 LocustTest, with the CRD's defaults applied."""
+
+    enabled: bool
+    endpoint: str = ""
+    protocol: str = DEFAULT_PROTOCOL
+    insecure: bool = False
+    # Sorted by key: the order the env vars are injected in.
+    extra_env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LocustTestInfo:
+    """The few facts about one LocustTest that decide how its pods are mutated."""
+
+    namespace: str
+    name: str
+    api_version: str
+    resource_version: str
+    required: bool
+    otel: OtelSpec | None
+
+    @property
+    def otel_enabled(self) -> bool:
+        return self.otel is not None and self.otel.enabled
+
+
+def _as_dict(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidLocustTest(f"{where} is not an object")
+    return value
+
+
+def parse_otel(observability: Any) -> OtelSpec | None:
+    """Parse `spec.observability`; None when it has no `openTelemetry` block."""
+    otel = _as_dict(
+        _as_dict(observability, "spec.observability").get("openTelemetry"),
+        "spec.observability.openTelemetry",
+    )
+    if not otel:
+        return None
+    extra = _as_dict(otel.get("extraEnvVars"), "spec.observability.openTelemetry.extraEnvVars")
+    protocol = otel.get("protocol") or DEFAULT_PROTOCOL
+    endpoint = otel.get("endpoint") or ""
+    if not isinstance(protocol, str) or not isinstance(endpoint, str):
+        raise InvalidLocustTest(
+            "spec.observability.openTelemetry endpoint/protocol must be strings"
+        )
+    return OtelSpec(
+        enabled=otel.get("enabled") is True,
+        endpoint=endpoint.strip(),
+        protocol=protocol,
+        insecure=otel.get("insecure") is True,
+        extra_env=tuple(sorted((str(k), "" if v is None else str(v)) for k, v in extra.items())),
+    )
+
+
+def parse_locusttest(obj: Any, default_namespace: str = "default") -> LocustTestInfo:
+    """A LocustTest object (v1 or v2, from the API or a YAML file) as LocustTestInfo."""
+    if not isinstance(obj, dict):
+        raise InvalidLocustTest("a LocustTest must be an object")
+    metadata = _as_dict(obj.get("metadata"), "metadata")
+    name = metadata.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidLocustTest("metadata.name is missing")
+    namespace = metadata.get("namespace") or default_namespace
+    api_version = obj.get("apiVersion") or ""
+    annotations = _as_dict(metadata.get("annotations"), "metadata.annotations")
+    otel = None
+    if str(api_version).endswith("/v2"):
+        otel = parse_otel(_as_dict(obj.get("spec"), "spec").get("observability"))
+    return LocustTestInfo(
+        namespace=str(namespace),
+        name=name,
+        api_version=str(api_version),
+        resource_version=str(metadata.get("resourceVersion") or ""),
+        required=annotations.get(REQUIRED_ANNOTATION) == "true",
+        otel=otel,
+    )

@@ -1,0 +1,135 @@
+"""Pure pod mutation: pod in, pod out. No Flask, no Kubernetes client, no clock, no I/O.
+
+`mutate` is idempotent: mutating its output again returns that output unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+from ..config import MutationSettings
+from ..models import LocustTestInfo
+from .exporter import (
+    add_metrics_exporter,
+    add_scrape_annotations,
+    remove_metrics_exporter,
+    scrape_annotation_warning,
+)
+from .otel import add_otel_flag, inject_otel_env, otel_warnings
+from .pod import (
+    STATUS_ANNOTATION,
+    MalformedPod,
+    NoTarget,
+    Pod,
+    Role,
+    check_shape,
+    find_target,
+    opted_out,
+    owner_job,
+    web_port,
+    with_annotations,
+)
+
+__all__ = ["MalformedPod", "MutationResult", "NoTarget", "check_shape", "mutate", "opted_out"]
+
+
+@dataclass(frozen=True)
+class MutationResult:
+    """The pod as wanted, and what was done to get there."""
+
+    pod: Pod
+    mode: str
+    role: Role
+    container: str
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed)
+
+
+def _job_note(pod: Pod, test: LocustTestInfo, role: Role) -> list[str]:
+    """The operator names the Job `<name with dots as dashes>-<role>`; say so when it is not."""
+    job = owner_job(pod)
+    if job is None or role == "unknown":
+        return []
+    expected = f"{test.name.replace('.', '-')}-{role}"
+    if job != expected:
+        return [f"owning Job {job!r} is not {expected!r}, the name the operator gives it"]
+    return []
+
+
+def mutate(
+    pod: Pod, test: LocustTestInfo, namespace: str, settings: MutationSettings
+) -> MutationResult:
+    """The pod with the observability the LocustTest asks for (SPEC sections 3-6).
+
+    Raises MalformedPod or NoTarget when the pod cannot be mutated.
+    """
+    check_shape(pod)
+    target = find_target(pod)
+    if opted_out(pod):
+        return MutationResult(pod, "opted-out", target.role, target.name)
+    container = pod["spec"]["containers"][target.index]
+    warnings: list[str] = []
+    added: list[str] = []
+    removed: list[str] = []
+    if test.otel_enabled:
+        mode = "otel"
+        warnings.extend(otel_warnings(test, container))
+        pod, removed = remove_metrics_exporter(pod, settings)
+        # Removing the exporter may shift the Locust container: find it again by name.
+        index = next(
+            i for i, c in enumerate(pod["spec"]["containers"]) if c["name"] == target.name
+        )
+        pod, env_added = inject_otel_env(
+            pod, index, test, namespace, target.role, settings.resource_attributes
+        )
+        pod, flag_added = add_otel_flag(pod, index)
+        added = env_added + flag_added
+    elif target.role == "master":
+        mode = "exporter"
+        warning = scrape_annotation_warning(pod, settings)
+        if warning:
+            warnings.append(warning)
+        pod, sidecar_added = add_metrics_exporter(pod, settings, web_port(container))
+        pod, annotations_added = add_scrape_annotations(pod, settings)
+        added = sidecar_added + annotations_added
+    else:
+        mode = "none"
+    result = MutationResult(
+        pod,
+        mode,
+        target.role,
+        target.name,
+        added,
+        removed,
+        warnings,
+        _job_note(pod, test, target.role),
+    )
+    if not result.changed:
+        return result
+    status = orjson.dumps(
+        {
+            "mode": mode,
+            "container": target.name,
+            "role": target.role,
+            "added": added,
+            "removed": removed,
+        }
+    ).decode()
+    return MutationResult(
+        with_annotations(pod, {STATUS_ANNOTATION: status}),
+        mode,
+        target.role,
+        target.name,
+        added,
+        removed,
+        warnings,
+        result.notes,
+    )

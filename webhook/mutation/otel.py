@@ -1,0 +1,190 @@
+"""OpenTelemetry on: OTEL_* env, the --otel flag, and warnings for settings that cannot work."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from ..models import PROTOCOLS, LocustTestInfo, OtelSpec
+from .pod import Container, Pod, Role, env_value, locust_words, shell_script, with_container
+
+RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
+SERVICE_NAME = "OTEL_SERVICE_NAME"
+POD_NAME_VAR = "OTEL_RESOURCE_ATTRIBUTES_POD_NAME"
+ENABLE_VAR = "LOCUST_ENABLE_OPENTELEMETRY"
+OTEL_FLAG = "--otel"
+
+
+def parse_attributes(raw: str) -> dict[str, str]:
+    """`k=v,k2=v2` (OTEL_RESOURCE_ATTRIBUTES) as a dict; malformed members are skipped."""
+    pairs = (member.split("=", 1) for member in raw.split(",") if "=" in member)
+    return {key.strip(): value.strip() for key, value in pairs if key.strip()}
+
+
+def _service_name(test: LocustTestInfo, extra: dict[str, str], container: Container) -> str:
+    attributes = env_value(container, RESOURCE_ATTRIBUTES)
+    if attributes is None:
+        attributes = extra.get(RESOURCE_ATTRIBUTES, "")
+    return parse_attributes(attributes).get("service.name") or test.name
+
+
+def _resource_attributes(
+    user: str, namespace: str, test: LocustTestInfo, role: Role
+) -> tuple[str, bool]:
+    """The user's attributes with the k8s ones they did not set appended; and whether the
+    pod-name variable is referenced."""
+    ours = {
+        "k8s.namespace.name": namespace,
+        "k8s.pod.name": f"$({POD_NAME_VAR})",
+        "locust.test.name": test.name,
+    }
+    if role != "unknown":
+        ours["locust.role"] = role
+    taken = parse_attributes(user)
+    added = [f"{key}={value}" for key, value in ours.items() if key not in taken]
+    merged = ",".join(part for part in (user.strip().strip(","), *added) if part)
+    return merged, "k8s.pod.name" not in taken
+
+
+def desired_env(
+    spec: OtelSpec,
+    test: LocustTestInfo,
+    container: Container,
+    namespace: str,
+    role: Role,
+    enrich: bool,
+) -> list[dict[str, object]]:
+    """The OTel env vars the container should end with, in SPEC order (before filtering out
+    the names it already defines)."""
+    extra = dict(spec.extra_env)
+    wanted: dict[str, str] = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_METRICS_EXPORTER": "otlp",
+    }
+    if spec.endpoint:
+        wanted["OTEL_EXPORTER_OTLP_ENDPOINT"] = spec.endpoint
+    wanted["OTEL_EXPORTER_OTLP_PROTOCOL"] = spec.protocol
+    if spec.insecure:
+        wanted["OTEL_EXPORTER_OTLP_INSECURE"] = "true"
+    # extraEnvVars override the standard values in place rather than repeating a name.
+    for key in list(wanted):
+        if key in extra:
+            wanted[key] = extra.pop(key)
+    user_attributes = extra.pop(RESOURCE_ATTRIBUTES, None)
+    wanted.update(extra)
+    if SERVICE_NAME not in wanted and env_value(container, SERVICE_NAME) is None:
+        wanted[SERVICE_NAME] = _service_name(test, dict(spec.extra_env), container)
+    if shell_script(container) is not None:
+        wanted[ENABLE_VAR] = "true"
+    env: list[dict[str, object]] = [{"name": k, "value": v} for k, v in wanted.items()]
+    if env_value(container, RESOURCE_ATTRIBUTES) is not None:
+        return env
+    if enrich:
+        merged, needs_pod_name = _resource_attributes(user_attributes or "", namespace, test, role)
+        if needs_pod_name:
+            env.append(
+                {"name": POD_NAME_VAR, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+            )
+        env.append({"name": RESOURCE_ATTRIBUTES, "value": merged})
+    elif user_attributes is not None:
+        env.append({"name": RESOURCE_ATTRIBUTES, "value": user_attributes})
+    return env
+
+
+def inject_otel_env(
+    pod: Pod, index: int, test: LocustTestInfo, namespace: str, role: Role, enrich: bool
+) -> tuple[Pod, list[str]]:
+    """Append the OTel env vars the Locust container lacks; the pod's own values win."""
+    assert test.otel is not None
+    container = pod["spec"]["containers"][index]
+    present = {entry["name"] for entry in container.get("env") or ()}
+    missing = [
+        entry
+        for entry in desired_env(test.otel, test, container, namespace, role, enrich)
+        if entry["name"] not in present
+    ]
+    if not missing:
+        return pod, []
+    updated = {**container, "env": [*(container.get("env") or ()), *missing]}
+    return with_container(pod, "containers", index, updated), [f"env:{e['name']}" for e in missing]
+
+
+def add_otel_flag(pod: Pod, index: int) -> tuple[Pod, list[str]]:
+    """`--otel` once in the args, before --master/--worker, else last. Shell-wrapped commands
+    get LOCUST_ENABLE_OPENTELEMETRY from inject_otel_env instead."""
+    container = pod["spec"]["containers"][index]
+    if shell_script(container) is not None or OTEL_FLAG in locust_words(container):
+        return pod, []
+    args = list(container.get("args") or ())
+    position = next((i for i, a in enumerate(args) if a in ("--master", "--worker")), len(args))
+    args.insert(position, OTEL_FLAG)
+    return with_container(pod, "containers", index, {**container, "args": args}), [
+        f"arg:{OTEL_FLAG}"
+    ]
+
+
+def _effective(container: Container, extra: dict[str, str], name: str, default: str) -> str | None:
+    """The value the SDK will see: the pod's own env, else extraEnvVars, else ours.
+    None when the pod sets it from a source we cannot read (valueFrom)."""
+    own = env_value(container, name)
+    if own is not None:
+        return own or None
+    return extra.get(name, default)
+
+
+def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
+    """Settings the real Python OTLP exporters cannot work with (SPEC section 4 table)."""
+    assert test.otel is not None
+    spec = test.otel
+    extra = dict(spec.extra_env)
+    where = f"LocustTest {test.namespace}/{test.name}"
+    endpoint = _effective(container, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint)
+    protocol = _effective(container, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol)
+    insecure = _effective(
+        container, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else ""
+    )
+    if endpoint == "":
+        return [
+            f"{where}: OpenTelemetry is enabled without an endpoint: set "
+            "spec.observability.openTelemetry.endpoint to the collector (e.g. "
+            "http://otel-collector.monitoring:4317), or nothing will be exported"
+        ]
+    if endpoint is None or protocol is None:
+        return []
+    if protocol not in PROTOCOLS:
+        return [f"{where}: protocol {protocol!r} is not supported; use grpc or http/protobuf"]
+    warnings: list[str] = []
+    has_scheme = "://" in endpoint
+    parts = urlsplit(endpoint if has_scheme else f"//{endpoint}")
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if protocol == "grpc" and port == 4318:
+        warnings.append(
+            f"{where}: endpoint port 4318 is OTLP/HTTP but protocol is grpc: "
+            "use port 4317 or protocol http/protobuf"
+        )
+    if protocol == "http/protobuf" and port == 4317:
+        warnings.append(
+            f"{where}: endpoint port 4317 is OTLP/gRPC but protocol is http/protobuf: "
+            "use port 4318 or protocol grpc"
+        )
+    insecure_flag = (insecure or "").strip().lower()
+    if protocol == "grpc" and scheme == "http" and insecure_flag == "false":
+        warnings.append(
+            f"{where}: OTEL_EXPORTER_OTLP_INSECURE=false makes the gRPC exporter use TLS "
+            f"towards {endpoint}: it fails against a plaintext collector; remove it"
+        )
+    if protocol == "grpc" and not has_scheme and insecure_flag != "true":
+        warnings.append(
+            f"{where}: endpoint {endpoint!r} has no scheme and insecure is not true: the gRPC "
+            "exporter will use TLS and fail against a plaintext collector; use "
+            f"http://{endpoint} or set insecure: true"
+        )
+    if protocol == "http/protobuf" and not has_scheme:
+        warnings.append(
+            f"{where}: endpoint {endpoint!r} has no scheme: the OTLP/HTTP exporter fails at "
+            f"once; use http://{endpoint}"
+        )
+    return warnings

@@ -1,0 +1,266 @@
+"""Reading a pod: shape checks, the Locust container, its role, and copy-on-write edits.
+
+Pods are plain dicts. Edits never change the pod they are given: they copy only the path they
+touch, so untouched subtrees stay the very same objects and the patch can skip them by identity.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Pod = dict[str, Any]
+Container = dict[str, Any]
+Role = Literal["master", "worker", "unknown"]
+ContainerField = Literal["containers", "initContainers"]
+
+TEST_NAME_LABEL = "performance-test-name"
+POD_NAME_LABEL = "performance-test-pod-name"
+CONTAINER_ANNOTATION = "observability.locust.io/container"
+INJECT_ANNOTATION = "observability.locust.io/inject"
+STATUS_ANNOTATION = "observability.locust.io/status"
+EXPORTER_NAME = "locust-metrics-exporter"
+DEFAULT_WEB_PORT = 8089
+
+SHELLS = frozenset({"sh", "bash", "ash", "dash", "zsh", "ksh"})
+PROXY_NAMES = frozenset({"istio-proxy", "linkerd-proxy", "envoy", "envoy-sidecar"})
+PROXY_IMAGES = ("proxyv2", "linkerd2-proxy", "envoyproxy/envoy")
+LOCUST_FLAGS = frozenset({"-f", "--locustfile", "--master", "--worker"})
+
+
+class MalformedPod(ValueError):
+    """The pod does not have the shape of a Pod; the API server will refuse it anyway."""
+
+
+class NoTarget(ValueError):
+    """No container can be the Locust container (or the annotation names one that cannot)."""
+
+
+def _check_strings(value: Any, where: str) -> None:
+    if value is not None and (
+        not isinstance(value, list) or not all(isinstance(v, str) for v in value)
+    ):
+        raise MalformedPod(f"{where} must be a list of strings")
+
+
+def _check_string_map(value: Any, where: str) -> None:
+    if value is not None and (
+        not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values())
+    ):
+        raise MalformedPod(f"{where} must be a map of strings")
+
+
+def check_shape(pod: Any) -> None:
+    """Raise MalformedPod unless every field the mutation reads or writes has its Pod type."""
+    if not isinstance(pod, dict):
+        raise MalformedPod("request.object must be a Pod object")
+    metadata = pod.get("metadata")
+    if not isinstance(metadata, dict):
+        raise MalformedPod("metadata must be an object")
+    _check_string_map(metadata.get("labels"), "metadata.labels")
+    _check_string_map(metadata.get("annotations"), "metadata.annotations")
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        raise MalformedPod("spec must be an object")
+    for field in ("containers", "initContainers"):
+        items = spec.get(field)
+        if items is None and field == "initContainers":
+            continue
+        if not isinstance(items, list) or (field == "containers" and not items):
+            raise MalformedPod(f"spec.{field} must be a list of containers")
+        for index, container in enumerate(items):
+            where = f"spec.{field}[{index}]"
+            if not isinstance(container, dict) or not isinstance(container.get("name"), str):
+                raise MalformedPod(f"{where} must be a container with a name")
+            _check_strings(container.get("args"), f"{where}.args")
+            _check_strings(container.get("command"), f"{where}.command")
+            env = container.get("env")
+            if env is not None and (
+                not isinstance(env, list)
+                or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in env)
+            ):
+                raise MalformedPod(f"{where}.env must be a list of named variables")
+
+
+def pod_labels(pod: Pod) -> dict[str, str]:
+    return pod["metadata"].get("labels") or {}
+
+
+def pod_annotations(pod: Pod) -> dict[str, str]:
+    return pod["metadata"].get("annotations") or {}
+
+
+def opted_out(pod: Any) -> bool:
+    """The pod asks not to be touched (safe on any input: checked before the shape is)."""
+    metadata = pod.get("metadata") if isinstance(pod, dict) else None
+    values = metadata.get("annotations") if isinstance(metadata, dict) else None
+    value = values.get(INJECT_ANNOTATION) if isinstance(values, dict) else None
+    return isinstance(value, str) and value.strip().lower() == "false"
+
+
+def _image_repository(image: str) -> str:
+    return image.split("@", 1)[0].rsplit(":", 1)[0] if "/" in image or ":" in image else image
+
+
+def _is_sidecar(container: Container) -> bool:
+    """The exporter or a service-mesh proxy: never the Locust container."""
+    name = container["name"]
+    image = str(container.get("image") or "")
+    return name == EXPORTER_NAME or name in PROXY_NAMES or any(p in image for p in PROXY_IMAGES)
+
+
+def command_line(container: Container) -> list[str]:
+    """command + args: what the container runs."""
+    return [*(container.get("command") or ()), *(container.get("args") or ())]
+
+
+def shell_script(container: Container) -> str | None:
+    """The script when the container starts Locust through `sh -c "..."`, else None."""
+    words = command_line(container)
+    if words and os.path.basename(words[0]) in SHELLS and "-c" in words[1:]:
+        after = words[words.index("-c") + 1 :]
+        return " ".join(after)
+    return None
+
+
+def locust_words(container: Container) -> list[str]:
+    """The words Locust sees: the container's command line, or the words of its shell script."""
+    script = shell_script(container)
+    if script is None:
+        return command_line(container)
+    try:
+        return shlex.split(script)
+    except ValueError:
+        return script.split()
+
+
+def _runs_locust(container: Container) -> bool:
+    repository = _image_repository(str(container.get("image") or "")).rsplit("/", 1)[-1]
+    if "locust" in repository and "exporter" not in repository:
+        return True
+    words = locust_words(container)
+    return bool(LOCUST_FLAGS.intersection(words)) or any(
+        os.path.basename(w) == "locust" for w in words
+    )
+
+
+def target_container(pod: Pod) -> int:
+    """Index in spec.containers of the Locust container (SPEC section 3)."""
+    containers: list[Container] = pod["spec"]["containers"]
+    chosen = pod_annotations(pod).get(CONTAINER_ANNOTATION)
+    if chosen is not None:
+        for index, container in enumerate(containers):
+            if container["name"] == chosen:
+                if _is_sidecar(container):
+                    raise NoTarget(f"{CONTAINER_ANNOTATION}={chosen} names a sidecar")
+                return index
+        raise NoTarget(f"{CONTAINER_ANNOTATION}={chosen}: the pod has no such container")
+    candidates = [(i, c) for i, c in enumerate(containers) if not _is_sidecar(c)]
+    if not candidates:
+        raise NoTarget("the pod has no container besides sidecars")
+    pod_name = pod_labels(pod).get(POD_NAME_LABEL)
+    for index, container in candidates:
+        if container["name"] == pod_name:
+            return index
+    for index, container in candidates:
+        if _runs_locust(container):
+            return index
+    return candidates[0][0]
+
+
+def role_of(pod: Pod, container: Container) -> Role:
+    """master or worker, from the Locust arguments first, then the pod-name label."""
+    words = locust_words(container)
+    if "--master" in words:
+        return "master"
+    if "--worker" in words:
+        return "worker"
+    pod_name = pod_labels(pod).get(POD_NAME_LABEL, "")
+    if pod_name.endswith("-master"):
+        return "master"
+    if pod_name.endswith("-worker"):
+        return "worker"
+    return "unknown"
+
+
+def _flag_value(words: list[str], flag: str) -> str | None:
+    for index, word in enumerate(words):
+        if word == flag and index + 1 < len(words):
+            return words[index + 1]
+        if word.startswith(flag + "="):
+            return word[len(flag) + 1 :]
+    return None
+
+
+def env_value(container: Container, name: str) -> str | None:
+    """The literal value of an env var the container defines ('' for valueFrom), else None."""
+    for entry in container.get("env") or ():
+        if entry["name"] == name:
+            value = entry.get("value")
+            return value if isinstance(value, str) else ""
+    return None
+
+
+def web_port(container: Container) -> int:
+    """The port Locust's web UI listens on: --web-port, else LOCUST_WEB_PORT, else 8089."""
+    raw = _flag_value(locust_words(container), "--web-port") or env_value(
+        container, "LOCUST_WEB_PORT"
+    )
+    if raw and raw.isdigit() and 0 < int(raw) < 65536:
+        return int(raw)
+    return DEFAULT_WEB_PORT
+
+
+def owner_job(pod: Pod) -> str | None:
+    """Name of the Job that owns the pod, from ownerReferences or the Job controller's labels."""
+    for ref in pod["metadata"].get("ownerReferences") or ():
+        if isinstance(ref, dict) and ref.get("kind") == "Job" and isinstance(ref.get("name"), str):
+            return str(ref["name"])
+    values = pod_labels(pod)
+    return values.get("batch.kubernetes.io/job-name") or values.get("job-name")
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """The Locust container chosen for a pod, and what it is."""
+
+    index: int
+    name: str
+    role: Role
+
+
+def find_target(pod: Pod) -> Target:
+    """The Locust container and its role; raises NoTarget."""
+    index = target_container(pod)
+    container = pod["spec"]["containers"][index]
+    return Target(index=index, name=container["name"], role=role_of(pod, container))
+
+
+def with_container(pod: Pod, field: ContainerField, index: int, container: Container) -> Pod:
+    """A pod whose spec.<field>[index] is `container`."""
+    items = list(pod["spec"][field])
+    items[index] = container
+    return with_spec_field(pod, field, items)
+
+
+def with_spec_field(pod: Pod, field: str, value: Any) -> Pod:
+    """A pod whose spec.<field> is `value` (None removes it)."""
+    spec = dict(pod["spec"])
+    if value is None:
+        spec.pop(field, None)
+    else:
+        spec[field] = value
+    return {**pod, "spec": spec}
+
+
+def with_annotations(pod: Pod, values: dict[str, str | None]) -> Pod:
+    """A pod with these annotations set (None removes one)."""
+    current = dict(pod_annotations(pod))
+    for key, value in values.items():
+        if value is None:
+            current.pop(key, None)
+        else:
+            current[key] = value
+    return {**pod, "metadata": {**pod["metadata"], "annotations": current}}

@@ -1,0 +1,104 @@
+"""`serve`: gunicorn over TLS with gthread workers, each owning its LocustTest source.
+
+The app (and with it the source and its watch threads) is built in `load()`, which gunicorn
+calls in every worker after the fork: nothing starts at import.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import tempfile
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from . import logs
+from .config import ServeSettings
+from .lookup import DirectorySource, LocustTestSource
+from .tls import ReloadingContext
+
+log = logging.getLogger(__name__)
+
+
+def build_source(settings: ServeSettings) -> LocustTestSource:
+    """The directory source when --locusttests is set, else the cluster's API."""
+    if settings.locusttests:
+        return DirectorySource(settings.locusttests)
+    from .cache import ClusterSource
+
+    source: LocustTestSource = ClusterSource.from_environment(
+        settings.namespaces, settings.lookup_timeout
+    )
+    return source
+
+
+def build_app(settings: ServeSettings) -> Any:
+    """The WSGI app with a started source: call once per process."""
+    from .app import create_app
+    from .handler import Handler
+
+    source = build_source(settings)
+    source.start()
+    handler = Handler(source, settings.mutation, settings.failure_policy)
+    return create_app(handler, source, settings.max_body_bytes)
+
+
+class WebhookServer(BaseApplication):  # type: ignore[misc]
+    """gunicorn configured for the API server's traffic (SPEC section 8)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        # Checked here, in the master, so a bad pair stops the start with a clear message.
+        self.tls = ReloadingContext(settings.cert_file, settings.key_file)
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        tls = self.tls
+
+        def ssl_context(_conf: Any, _default: Any) -> ssl.SSLContext:
+            return tls.context()
+
+        def post_worker_init(_worker: Any) -> None:
+            tls.publish()
+
+        def child_exit(_server: Any, worker: Any) -> None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+
+        options = {
+            "bind": f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}",
+            "worker_class": "gthread",
+            "workers": s.workers,
+            "threads": s.threads,
+            "keepalive": s.keepalive,
+            # Each worker binds its own socket: connections spread over workers by the kernel.
+            "reuse_port": True,
+            "graceful_timeout": s.graceful_timeout,
+            "timeout": 30,
+            "certfile": s.cert_file,
+            "keyfile": s.key_file,
+            "ssl_context": ssl_context,
+            "post_worker_init": post_worker_init,
+            "child_exit": child_exit,
+            "accesslog": None,
+            "errorlog": "-",
+            "loglevel": s.log_level,
+            "proc_name": "locust-webhook",
+            "worker_tmp_dir": tempfile.gettempdir(),
+            "logconfig_dict": logs.dict_config(s.log_level),
+            # The control socket would be written under $HOME: read-only in the container.
+            "control_socket_disable": True,
+        }
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        return build_app(self.settings)
+
+
+def serve(settings: ServeSettings) -> None:
+    """Run until SIGTERM/SIGINT; in-flight admissions get `graceful_timeout` to finish."""
+    WebhookServer(settings).run()

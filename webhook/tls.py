@@ -1,0 +1,125 @@
+"""The serving TLS context: built once, rebuilt only when the certificate files change.
+
+gunicorn asks for a context on every new connection; building one costs ~1 ms of CPU, so the
+context is cached and the files are only stat()ed, at most once per `check_interval`. A pair
+that does not load (half-written, key not matching the certificate) is refused and the
+previous context is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+log = logging.getLogger(__name__)
+
+
+class CertificateError(ValueError):
+    """The certificate and key files cannot serve."""
+
+
+@dataclass(frozen=True)
+class LoadedPair:
+    context: ssl.SSLContext
+    not_after: float
+    stamp: tuple[tuple[int, int, int], ...]
+
+
+def _stamp(*paths: str) -> tuple[tuple[int, int, int], ...]:
+    """What changes when a file is replaced (Secret volumes swap a symlink; stat follows it)."""
+    result = []
+    for path in paths:
+        info = os.stat(path)
+        result.append((info.st_ino, info.st_mtime_ns, info.st_size))
+    return tuple(result)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def load_pair(cert_file: str, key_file: str) -> LoadedPair:
+    """A server context for the pair; raises CertificateError when it cannot serve."""
+    try:
+        stamp = _stamp(cert_file, key_file)
+        cert_pem, key_pem = _read(cert_file), _read(key_file)
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+        key = load_pem_private_key(key_pem, password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise CertificateError(f"cannot read {cert_file} / {key_file}: {exc}") from None
+    if certificate.public_key() != key.public_key():
+        raise CertificateError(f"{key_file} is not the key of {cert_file}")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert_file, key_file)
+        # The files may have been swapped between our read and OpenSSL's: only accept a load
+        # of exactly the bytes that were checked.
+        if _read(cert_file) != cert_pem or _read(key_file) != key_pem:
+            raise CertificateError("the files changed while loading; will retry")
+    except (OSError, ssl.SSLError) as exc:
+        raise CertificateError(f"cannot load {cert_file} / {key_file}: {exc}") from None
+    return LoadedPair(context, certificate.not_valid_after_utc.timestamp(), stamp)
+
+
+class ReloadingContext:
+    """Hands out the current server context, reloading it when the files change on disk."""
+
+    def __init__(self, cert_file: str, key_file: str, check_interval: float = 1.0) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.check_interval = check_interval
+        self._lock = threading.Lock()
+        self._current = load_pair(cert_file, key_file)
+        self._checked = time.monotonic()
+        self._rejected: tuple[tuple[int, int, int], ...] | None = None
+
+    def publish(self) -> None:
+        """Export the serving certificate's expiry from this process (a worker, after fork)."""
+        from . import metrics
+
+        metrics.CERT_EXPIRY.set(self._current.not_after)
+
+    @property
+    def not_after(self) -> float:
+        return self._current.not_after
+
+    def context(self) -> ssl.SSLContext:
+        """The context to wrap a new connection with."""
+        now = time.monotonic()
+        if now - self._checked >= self.check_interval and self._lock.acquire(blocking=False):
+            try:
+                self._checked = now
+                self._reload_if_changed()
+            finally:
+                self._lock.release()
+        return self._current.context
+
+    def _reload_if_changed(self) -> None:
+        # Imported here: the gunicorn master builds this object and must not create metric files.
+        from . import metrics
+
+        stamp = None
+        try:
+            stamp = _stamp(self.cert_file, self.key_file)
+            if stamp in (self._current.stamp, self._rejected):
+                return
+            pair = load_pair(self.cert_file, self.key_file)
+        except (OSError, CertificateError) as exc:
+            # Refuse this version of the files once; a later write changes the stamp again.
+            self._rejected = stamp
+            metrics.CERT_RELOADS.labels("rejected").inc()
+            log.warning("keeping the current certificate: %s", exc)
+            return
+        self._current = pair
+        metrics.CERT_EXPIRY.set(pair.not_after)
+        metrics.CERT_RELOADS.labels("loaded").inc()
+        log.info("serving a new certificate", extra={"not_after": pair.not_after})
