@@ -14,10 +14,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from webhook.config import MutationSettings  # noqa: E402
-from webhook.models import parse_locusttest  # noqa: E402
-from webhook.mutation import MutationResult, mutate  # noqa: E402
-from webhook.patch import diff  # noqa: E402
+from webhook.config import MutationSettings
+from webhook.models import parse_locusttest
+from webhook.mutation import MutationResult, mutate
+from webhook.patch import diff
 
 # The oldest and newest Kubernetes versions the webhook supports (native sidecars: 1.29).
 SCHEMA_VERSIONS = ("1.29.0", "1.33.0")

@@ -231,8 +231,12 @@ def test_shell_wrapped_locust_gets_the_env_switch_instead_of_the_flag() -> None:
 
 
 def test_otel_removes_exporter_container_and_its_annotations() -> None:
-    scrape = {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
-              "prometheus.io/port": "9646", "team": "platform"}
+    scrape = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/path": "/metrics",
+        "prometheus.io/port": "9646",
+        "team": "platform",
+    }
     pod = operator_pod("demo", "master", with_exporter=True, annotations=scrape)
     m = run_mutation(pod, locusttest("demo", otel=otel()))
     names = [c["name"] for c in m.pod["spec"]["containers"]]
@@ -254,7 +258,9 @@ def test_otel_removes_native_exporter_sidecar() -> None:
 
 def test_otel_keeps_scrape_annotations_aimed_elsewhere() -> None:
     own = {"prometheus.io/scrape": "true", "prometheus.io/port": "8089"}
-    m = run_mutation(operator_pod("demo", "master", annotations=own), locusttest("demo", otel=otel()))
+    m = run_mutation(
+        operator_pod("demo", "master", annotations=own), locusttest("demo", otel=otel())
+    )
     assert m.pod["metadata"]["annotations"]["prometheus.io/port"] == "8089"
 
 
@@ -263,8 +269,9 @@ def test_otel_keeps_scrape_annotations_aimed_elsewhere() -> None:
 
 def test_resource_attributes_merge_with_users_keys_winning() -> None:
     user = "service.name=checkout,k8s.namespace.name=custom,env=staging"
-    test = locusttest("team-a.load-test", "perf",
-                      otel=otel(extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": user}))
+    test = locusttest(
+        "team-a.load-test", "perf", otel=otel(extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": user})
+    )
     m = run_mutation(operator_pod("team-a.load-test", "master"), test, namespace="perf")
     assert m.env_names()[-2:] == ["OTEL_RESOURCE_ATTRIBUTES_POD_NAME", "OTEL_RESOURCE_ATTRIBUTES"]
     assert m.env()[-2]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
@@ -284,10 +291,15 @@ def test_resource_attributes_without_user_attributes() -> None:
 
 
 def test_enrichment_off_passes_user_attributes_through_last() -> None:
-    test = locusttest("demo", otel=otel(extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": "env=dev",
-                                                       "OTEL_TRACES_SAMPLER": "always_on"}))
-    m = run_mutation(operator_pod("demo", "worker"), test,
-                     settings=MutationSettings(resource_attributes=False))
+    test = locusttest(
+        "demo",
+        otel=otel(
+            extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": "env=dev", "OTEL_TRACES_SAMPLER": "always_on"}
+        ),
+    )
+    m = run_mutation(
+        operator_pod("demo", "worker"), test, settings=MutationSettings(resource_attributes=False)
+    )
     assert m.env_names()[-1] == "OTEL_RESOURCE_ATTRIBUTES"
     assert m.env_value("OTEL_RESOURCE_ATTRIBUTES") == "env=dev"
     assert "OTEL_RESOURCE_ATTRIBUTES_POD_NAME" not in m.env_names()
@@ -305,8 +317,10 @@ def test_pods_own_resource_attributes_are_left_alone() -> None:
     [
         ({}, "team-a.load-test"),
         ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs,x=1"}, "from-attrs"),
-        ({"OTEL_SERVICE_NAME": "explicit", "OTEL_RESOURCE_ATTRIBUTES": "service.name=x"},
-         "explicit"),
+        (
+            {"OTEL_SERVICE_NAME": "explicit", "OTEL_RESOURCE_ATTRIBUTES": "service.name=x"},
+            "explicit",
+        ),
     ],
 )
 def test_service_name(extra: dict[str, str], expected: str) -> None:
@@ -338,8 +352,16 @@ def test_service_name(extra: dict[str, str], expected: str) -> None:
 def test_endpoint_protocol_insecure_table(
     protocol: str, endpoint: str, extra: dict[str, str], insecure: bool, warned: str | None
 ) -> None:
-    test = locusttest("demo", otel={"enabled": True, "endpoint": endpoint, "protocol": protocol,
-                                    "insecure": insecure, "extraEnvVars": extra})
+    test = locusttest(
+        "demo",
+        otel={
+            "enabled": True,
+            "endpoint": endpoint,
+            "protocol": protocol,
+            "insecure": insecure,
+            "extraEnvVars": extra,
+        },
+    )
     warnings = run_mutation(operator_pod("demo", "worker"), test).result.warnings
     if warned is None:
         assert warnings == []
@@ -376,8 +398,12 @@ def test_master_gets_native_exporter_sidecar_and_scrape_annotations() -> None:
 
 def test_container_mode_and_configured_exporter() -> None:
     settings = MutationSettings(
-        sidecar_mode="container", exporter_image="registry.local/exporter:1", exporter_port=9700,
-        exporter_pull_policy="Always", exporter_cpu_limit="200m", exporter_memory_limit="",
+        sidecar_mode="container",
+        exporter_image="registry.local/exporter:1",
+        exporter_port=9700,
+        exporter_pull_policy="Always",
+        exporter_cpu_limit="200m",
+        exporter_memory_limit="",
     )
     m = run_mutation(operator_pod("demo", "master"), locusttest("demo"), settings=settings)
     sidecar = m.pod["spec"]["containers"][-1]
@@ -385,8 +411,10 @@ def test_container_mode_and_configured_exporter() -> None:
     assert "restartPolicy" not in sidecar
     assert sidecar["image"] == "registry.local/exporter:1"
     assert sidecar["imagePullPolicy"] == "Always"
-    assert sidecar["resources"] == {"requests": {"cpu": "10m", "memory": "32Mi"},
-                                    "limits": {"cpu": "200m"}}
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "10m", "memory": "32Mi"},
+        "limits": {"cpu": "200m"},
+    }
     assert m.pod["metadata"]["annotations"]["prometheus.io/port"] == "9700"
 
 
@@ -449,8 +477,10 @@ def test_env_is_appended_item_by_item_when_present() -> None:
     own = [{"name": "TARGET_HOST", "value": "https://api.example.com"}]
     m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
     env_ops = [op for op in m.patch if "/env" in op["path"]]
-    assert all(op == {"op": "add", "path": "/spec/containers/0/env/-", "value": op["value"]}
-               for op in env_ops)
+    assert all(
+        op == {"op": "add", "path": "/spec/containers/0/env/-", "value": op["value"]}
+        for op in env_ops
+    )
     assert len(env_ops) == len(m.env()) - 1
 
 

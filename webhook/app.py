@@ -17,14 +17,10 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 
 
-def _error(status: int, message: str, close: bool = False) -> Response:
+def _error(status: int, message: str) -> Response:
     metrics.BAD_REQUESTS.labels(str(status)).inc()
     log.info("refused", extra={"status": status, "path": request.path, "error": message})
-    response = Response(orjson.dumps({"error": message}), status=status, mimetype=JSON)
-    if close:
-        # The rest of an oversized or unreadable body is not worth reading to keep the connection.
-        response.headers["Connection"] = "close"
-    return response
+    return Response(orjson.dumps({"error": message}), status=status, mimetype=JSON)
 
 
 def _read_body(limit: int) -> bytes | Response:
@@ -32,14 +28,14 @@ def _read_body(limit: int) -> bytes | Response:
     bodies carry no Content-Length, so the limit is enforced while reading."""
     length = request.content_length
     if length is not None and length > limit:
-        return _error(413, f"body of {length} bytes is over the limit of {limit} bytes", True)
+        return _error(413, f"body of {length} bytes is over the limit of {limit} bytes")
     try:
         body = request.stream.read(limit + 1)
     except Exception as exc:  # the server's body reader raises its own types for bad framing
         log.info("unreadable request body: %s", exc)
-        return _error(400, "the request body could not be read", True)
+        return _error(400, "the request body could not be read")
     if len(body) > limit:
-        return _error(413, f"body is over the limit of {limit} bytes", True)
+        return _error(413, f"body is over the limit of {limit} bytes")
     return body
 
 

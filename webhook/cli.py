@@ -9,6 +9,7 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
@@ -46,6 +47,15 @@ def metrics_dir() -> Iterator[None]:
 def run_serve(args: argparse.Namespace) -> int:
     """Start the HTTPS server."""
     settings = serve_settings(args)
+    if not settings.locusttests:
+        # Fail at start, not in every worker, when there is no cluster to talk to.
+        from .cache import ClusterSource
+        from .lookup import SourceUnavailable
+
+        try:
+            ClusterSource.from_environment(settings.namespaces, settings.lookup_timeout)
+        except SourceUnavailable as exc:
+            raise UsageError(f"--locusttests is empty and {exc}") from None
     with metrics_dir():
         from .server import serve
         from .tls import CertificateError
@@ -59,7 +69,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _load_documents(path: str) -> list[Any]:
     try:
-        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc}") from None
     try:

@@ -33,13 +33,11 @@ def build_source(settings: ServeSettings) -> LocustTestSource:
     return source
 
 
-def build_app(settings: ServeSettings) -> Any:
-    """The WSGI app with a started source: call once per process."""
+def build_app(settings: ServeSettings, source: LocustTestSource) -> Any:
+    """The WSGI app answering from `source`."""
     from .app import create_app
     from .handler import Handler
 
-    source = build_source(settings)
-    source.start()
     handler = Handler(source, settings.mutation, settings.failure_policy)
     return create_app(handler, source, settings.max_body_bytes)
 
@@ -51,6 +49,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         self.settings = settings
         # Checked here, in the master, so a bad pair stops the start with a clear message.
         self.tls = ReloadingContext(settings.cert_file, settings.key_file)
+        self.source: LocustTestSource | None = None
         super().__init__()
 
     def load_config(self) -> None:
@@ -62,6 +61,10 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
 
         def post_worker_init(_worker: Any) -> None:
             tls.publish()
+
+        def worker_exit(_server: Any, _worker: Any) -> None:
+            if self.source is not None:
+                self.source.stop()
 
         def child_exit(_server: Any, worker: Any) -> None:
             from prometheus_client import multiprocess
@@ -82,6 +85,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "keyfile": s.key_file,
             "ssl_context": ssl_context,
             "post_worker_init": post_worker_init,
+            "worker_exit": worker_exit,
             "child_exit": child_exit,
             "accesslog": None,
             "errorlog": "-",
@@ -96,7 +100,10 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return build_app(self.settings)
+        # Runs in each worker after the fork: the source's threads belong to this worker.
+        self.source = build_source(self.settings)
+        self.source.start()
+        return build_app(self.settings, self.source)
 
 
 def serve(settings: ServeSettings) -> None:

@@ -84,9 +84,7 @@ def mutate(
         warnings.extend(otel_warnings(test, container))
         pod, removed = remove_metrics_exporter(pod, settings)
         # Removing the exporter may shift the Locust container: find it again by name.
-        index = next(
-            i for i, c in enumerate(pod["spec"]["containers"]) if c["name"] == target.name
-        )
+        index = next(i for i, c in enumerate(pod["spec"]["containers"]) if c["name"] == target.name)
         pod, env_added = inject_otel_env(
             pod, index, test, namespace, target.role, settings.resource_attributes
         )

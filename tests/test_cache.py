@@ -1,0 +1,535 @@
+"""ClusterSource against a real HTTPS server speaking the Kubernetes list/watch protocol."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubeapi import FakeKubeAPI
+from kubernetes import client, config
+from prometheus_client import REGISTRY
+
+from webhook.cache import ClusterSource
+from webhook.lookup import SourceUnavailable
+
+MakeSource = Callable[..., ClusterSource]
+
+
+def locusttest(
+    name: str,
+    namespace: str = "default",
+    endpoint: str = "otel-collector.monitoring:4317",
+    enabled: bool = True,
+) -> dict[str, Any]:
+    """A v2 LocustTest with an OpenTelemetry block, shaped like the operator's samples."""
+    return {
+        "apiVersion": "locust.io/v2",
+        "kind": "LocustTest",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "image": "locustio/locust:2.32.0",
+            "master": {"command": "--locustfile /lotest/src/locustfile.py"},
+            "worker": {"command": "--locustfile /lotest/src/locustfile.py", "replicas": 2},
+            "observability": {
+                "openTelemetry": {"enabled": enabled, "endpoint": endpoint, "insecure": True}
+            },
+        },
+    }
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.01)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI() as server:
+        yield server
+
+
+@pytest.fixture
+def make_source(api: FakeKubeAPI, tmp_path: Path) -> Iterator[MakeSource]:
+    """Build (and start) ClusterSources on a kubeconfig for `api` or another server."""
+    made: list[tuple[ClusterSource, client.ApiClient]] = []
+
+    def make(
+        namespaces: tuple[str, ...] = (),
+        lookup_timeout: float = 1.5,
+        server: FakeKubeAPI | None = None,
+        start: bool = True,
+        **kwargs: Any,
+    ) -> ClusterSource:
+        kubeconfig = (server or api).write_kubeconfig(tmp_path / f"kubeconfig-{len(made)}")
+        api_client = config.new_client_from_config(config_file=str(kubeconfig))
+        source = ClusterSource(api_client, namespaces, lookup_timeout, **kwargs)
+        made.append((source, api_client))
+        if start:
+            source.start()
+        return source
+
+    yield make
+    for source, api_client in made:
+        source.stop()
+        api_client.close()
+
+
+def test_initial_list_fills_the_cache_and_makes_it_ready(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.create(locusttest("load-a", "team-a"))
+    api.create(locusttest("team-a.load-b", "team-a", enabled=False))
+    api.create(locusttest("load-a", "team-b", endpoint="http://other:4317"))
+    source = make_source()
+    wait_until(source.ready)
+    assert source.size() == 3
+    assert metric("locust_webhook_cache_synced") == 1
+    hits = metric("locust_webhook_lookups_total", result="cache_hit")
+    info = source.get("team-a", "load-a")
+    assert info is not None and info.otel is not None
+    assert info.otel_enabled and info.otel.endpoint == "otel-collector.monitoring:4317"
+    assert info.api_version == "locust.io/v2"
+    other = source.get("team-a", "team-a.load-b")
+    assert other is not None and not other.otel_enabled
+    assert metric("locust_webhook_lookups_total", result="cache_hit") == hits + 2
+    assert [r.path for r in api.lists()] == ["/apis/locust.io/v2/locusttests"]
+    assert api.requests and all(
+        r.headers.get("authorization") == "Bearer test-token" for r in api.requests
+    )
+
+
+def test_list_is_paged(api: FakeKubeAPI, make_source: MakeSource) -> None:
+    for i in range(1203):
+        api.create(locusttest(f"load-{i:04d}", f"ns-{i % 3}"))
+    source = make_source()
+    wait_until(source.ready)
+    assert source.size() == 1203
+    assert len(api.lists()) == 3
+    assert all(r.query["limit"] == "500" for r in api.lists())
+
+
+def test_not_ready_while_the_api_is_down_then_ready(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.create(locusttest("load-a"))
+    api.stop()
+    source = make_source(lookup_timeout=0.3)
+    with pytest.raises(SourceUnavailable, match="default/load-a"):
+        source.get("default", "load-a")
+    assert not source.ready()
+    api.start()
+    wait_until(source.ready, timeout=10)
+    assert source.get("default", "load-a") is not None
+
+
+def test_ready_survives_an_outage_and_the_cache_keeps_serving(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.create(locusttest("load-a"))
+    source = make_source()
+    wait_until(source.ready)
+    api.stop()
+    assert source.ready()
+    assert source.get("default", "load-a") is not None
+    api.start()
+    api.create(locusttest("load-b"))
+    wait_until(lambda: source.size() == 2, timeout=10)
+    api.restart()
+    api.create(locusttest("load-c"))
+    wait_until(lambda: source.size() == 3, timeout=10)
+
+
+def test_watch_sees_created_updated_and_deleted_locusttests(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source(lookup_timeout=0.2)
+    wait_until(source.ready)
+    api.create(locusttest("load-a", endpoint="http://first:4317"))
+    wait_until(lambda: source.size() == 1)
+    lookups = metric("locust_webhook_lookups_total", result="direct_get")
+    info = source.get("default", "load-a")
+    assert info is not None and info.otel is not None and info.otel.endpoint == "http://first:4317"
+
+    api.update(locusttest("load-a", endpoint="http://second:4317"))
+
+    def updated() -> bool:
+        info = source.get("default", "load-a")
+        return (
+            info is not None
+            and info.otel is not None
+            and info.otel.endpoint.startswith("http://second")
+        )
+
+    wait_until(updated)
+    api.delete("default", "load-a")
+    wait_until(lambda: source.size() == 0)
+    assert source.get("default", "load-a") is None
+    assert metric("locust_webhook_lookups_total", result="direct_get") == lookups
+    assert len(api.lists()) == 1
+
+
+def test_bookmarks_move_the_resource_version_so_a_reconnect_needs_no_relist(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source(namespaces=("watched",))
+    wait_until(source.ready)
+    # Changes elsewhere advance the resourceVersion; only bookmarks tell the watcher about it.
+    for i in range(3):
+        api.create(locusttest(f"load-{i}", "elsewhere"))
+    latest = api.resource_version
+    time.sleep(3 * api.bookmark_interval)  # let a few bookmarks through
+    api.compact()
+    api.cut_watches()
+    wait_until(lambda: any(r.query.get("resourceVersion") == latest for r in api.watches()))
+    assert len(api.lists()) == 1
+    assert all(r.query["allowWatchBookmarks"].lower() == "true" for r in api.watches())
+    assert all(r.path.endswith("/namespaces/watched/locusttests") for r in api.watches())
+
+
+def test_expired_watch_relists_and_drops_objects_deleted_meanwhile(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.create(locusttest("load-a"))
+    api.create(locusttest("load-b"))
+    source = make_source(lookup_timeout=0.2)
+    wait_until(lambda: source.size() == 2)
+    expired = metric("locust_webhook_watch_restarts_total", reason="expired")
+    api.fail_next(10_000)  # keep the source disconnected while things change
+    api.cut_watches()
+    api.delete("default", "load-a")
+    api.create(locusttest("load-c"))
+    api.compact()
+    api.fail_next(0)
+    wait_until(lambda: len(api.lists()) == 2, timeout=10)
+    wait_until(lambda: source.size() == 2)
+    assert source.get("default", "load-c") is not None
+    assert source.get("default", "load-a") is None
+    assert metric("locust_webhook_watch_restarts_total", reason="expired") == expired + 1
+
+
+def test_http_410_on_the_watch_request_relists(api: FakeKubeAPI, make_source: MakeSource) -> None:
+    source = make_source()
+    wait_until(source.ready)
+    api.fail_next(1, code=410)
+    api.cut_watches()
+    wait_until(lambda: len(api.lists()) == 2, timeout=5)
+    api.create(locusttest("load-a"))
+    wait_until(lambda: source.size() == 1)
+
+
+def test_cut_watch_resumes_from_the_last_resource_version(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.create(locusttest("load-a"))
+    source = make_source()
+    wait_until(source.ready)
+    api.create(locusttest("load-b"))
+    wait_until(lambda: source.size() == 2)
+    position = api.resource_version
+    api.cut_watches()
+    wait_until(lambda: len(api.watches()) == 2)
+    api.create(locusttest("load-c"))
+    wait_until(lambda: source.size() == 3)
+    assert api.watches()[1].query["resourceVersion"] == position
+    assert len(api.lists()) == 1
+
+
+def test_watch_timeout_reconnects_without_relist(api: FakeKubeAPI, make_source: MakeSource) -> None:
+    source = make_source(watch_timeout=1)
+    wait_until(source.ready)
+    api.create(locusttest("load-a"))
+    wait_until(lambda: len(api.watches()) >= 2, timeout=5)
+    assert 1 <= int(api.watches()[0].query["timeoutSeconds"]) <= 2
+    api.create(locusttest("load-b"))
+    wait_until(lambda: source.size() == 2)
+    assert len(api.lists()) == 1
+
+
+def test_server_error_burst_at_start_and_mid_watch_recovers(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.fail_next(3, code=500)
+    source = make_source()
+    wait_until(source.ready, timeout=10)
+    lists = len(api.lists())
+    errors = metric("locust_webhook_watch_restarts_total", reason="error")
+    api.fail_next(3, code=503)
+    api.cut_watches()
+    api.create(locusttest("load-a"))
+    wait_until(lambda: source.size() == 1, timeout=15)
+    assert metric("locust_webhook_watch_restarts_total", reason="error") >= errors + 3
+    assert len(api.lists()) == lists
+
+
+def test_lookup_on_a_slow_api_returns_within_its_budget(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source(lookup_timeout=0.5)
+    wait_until(source.ready)
+    api.latency = 3.0
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="default/missing"):
+        source.get("default", "missing")
+    assert time.monotonic() - started < 0.5 + 0.2
+
+
+def test_default_lookup_budget_holds_on_a_slow_api(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source()
+    wait_until(source.ready)
+    api.latency = 0.7  # answers do come, but slower than the retries would like
+    started = time.monotonic()
+    assert source.get("default", "missing") is None
+    assert time.monotonic() - started < 1.5 + 0.2
+
+
+def test_missing_locusttest_is_none_after_retrying_for_the_budget(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source(lookup_timeout=0.6)
+    wait_until(source.ready)
+    before = len(api.requests)
+    started = time.monotonic()
+    assert source.get("default", "missing") is None
+    elapsed = time.monotonic() - started
+    gets = [r for r in api.requests[before:] if r.path.endswith("/locusttests/missing")]
+    assert len(gets) >= 3
+    assert 0.2 < elapsed < 0.6 + 0.2
+
+
+def test_direct_get_finds_a_locusttest_the_watch_has_not_delivered(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source()
+    wait_until(source.ready)
+    api.lag = 30.0
+    api.create(locusttest("load-a", endpoint="http://direct:4317"))
+    direct = metric("locust_webhook_lookups_total", result="direct_get")
+    info = source.get("default", "load-a")
+    assert info is not None and info.otel is not None and info.otel.endpoint == "http://direct:4317"
+    assert metric("locust_webhook_lookups_total", result="direct_get") == direct + 1
+    assert source.size() == 1
+    gets = len([r for r in api.requests if r.path.endswith("/load-a")])
+    assert source.get("default", "load-a") == info
+    assert len([r for r in api.requests if r.path.endswith("/load-a")]) == gets
+
+
+def test_direct_get_retries_a_404_until_the_locusttest_exists(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source()
+    wait_until(source.ready)
+    api.lag = 30.0
+    # The operator creates the LocustTest and its Jobs milliseconds apart.
+    timer = threading.Timer(0.3, api.create, args=(locusttest("load-a"),))
+    timer.start()
+    try:
+        started = time.monotonic()
+        info = source.get("default", "load-a")
+        assert info is not None and info.name == "load-a"
+        assert time.monotonic() - started < 1.5
+    finally:
+        timer.join()
+
+
+def test_same_name_in_another_namespace_is_never_returned(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.create(locusttest("load-a", "team-a", endpoint="http://a:4317"))
+    api.create(locusttest("load-a", "team-b", endpoint="http://b:4317"))
+    source = make_source(lookup_timeout=0.2)
+    wait_until(source.ready)
+    a, b = source.get("team-a", "load-a"), source.get("team-b", "load-a")
+    assert a is not None and a.otel is not None and a.otel.endpoint == "http://a:4317"
+    assert b is not None and b.otel is not None and b.otel.endpoint == "http://b:4317"
+    assert source.get("team-c", "load-a") is None
+
+
+def test_configured_namespaces_are_watched_one_by_one_and_others_never_asked(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.create(locusttest("load-a", "team-a"))
+    api.create(locusttest("load-a", "team-b"))
+    api.create(locusttest("load-a", "team-c"))
+    source = make_source(namespaces=("team-a", "team-b"))
+    wait_until(source.ready)
+    wait_until(lambda: len(api.watches()) == 2)
+    assert source.size() == 2
+    assert sorted(r.path for r in api.lists()) == [
+        "/apis/locust.io/v2/namespaces/team-a/locusttests",
+        "/apis/locust.io/v2/namespaces/team-b/locusttests",
+    ]
+    before = len(api.requests)
+    assert source.get("team-c", "load-a") is None
+    assert len(api.requests) == before
+    assert source.get("team-b", "load-a") is not None
+
+
+def test_ready_waits_for_every_namespace(api: FakeKubeAPI, make_source: MakeSource) -> None:
+    api.fail_next(10_000, code=500)
+    source = make_source(namespaces=("team-a", "team-b"))
+    wait_until(lambda: len(api.requests) >= 2)
+    assert not source.ready()
+    api.fail_next(0)
+    wait_until(source.ready, timeout=10)
+
+
+def test_v1_only_server_is_read_as_v1(make_source: MakeSource) -> None:
+    with FakeKubeAPI(versions=("v1",)) as server:
+        v1 = {
+            "apiVersion": "locust.io/v1",
+            "kind": "LocustTest",
+            "metadata": {"name": "e2e-test-v1"},
+            "spec": {"masterCommandSeed": "-f /lotest/src/locustfile.py", "workerReplicas": 1},
+        }
+        server.create(v1)
+        source = make_source(server=server)
+        wait_until(source.ready)
+        info = source.get("default", "e2e-test-v1")
+        assert info is not None and info.api_version == "locust.io/v1" and info.otel is None
+        assert [r.path for r in server.lists()] == [
+            "/apis/locust.io/v2/locusttests",
+            "/apis/locust.io/v1/locusttests",
+        ]
+        server.create({**v1, "metadata": {"name": "later"}})
+        wait_until(lambda: source.size() == 2)
+        assert all("/v1/" in r.path for r in server.watches())
+        source.stop()
+
+
+def test_missing_rbac_logs_one_clear_line_and_recovers(
+    api: FakeKubeAPI, make_source: MakeSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.cache")
+    api.create(locusttest("load-a", "team-a"))
+    api.forbid = True
+    source = make_source(namespaces=("team-a",), lookup_timeout=0.3)
+    wait_until(lambda: len(api.requests) >= 3, timeout=10)
+    rbac = [r for r in caplog.records if r.getMessage().startswith("RBAC")]
+    assert [r.getMessage() for r in rbac] == [
+        "RBAC: the service account cannot list locusttests.locust.io in namespace team-a "
+        "(needs get, list, watch)"
+    ]
+    assert rbac[0].levelno == logging.ERROR
+    with pytest.raises(SourceUnavailable, match="RBAC"):
+        source.get("team-a", "load-a")
+    api.forbid = False
+    wait_until(source.ready, timeout=10)
+
+
+def test_invalid_locusttest_is_skipped_and_the_watch_goes_on(
+    api: FakeKubeAPI, make_source: MakeSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = locusttest("broken")
+    broken["metadata"]["annotations"] = "not a map"
+    api.create(broken)
+    api.create(locusttest("load-a"))
+    source = make_source()
+    wait_until(source.ready)
+    assert source.size() == 1
+    api.update({**broken, "metadata": {**broken["metadata"], "annotations": ["still", "bad"]}})
+    api.create(locusttest("load-b"))
+    wait_until(lambda: source.size() == 2)
+    assert "skipping invalid LocustTest default/broken" in caplog.text
+
+
+def test_stop_returns_promptly_with_open_watches(api: FakeKubeAPI, make_source: MakeSource) -> None:
+    source = make_source(namespaces=("a", "b", "c"))
+    wait_until(lambda: len(api.watches()) == 3)
+    started = time.monotonic()
+    source.stop()
+    assert time.monotonic() - started < 1.0
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("locusttest-watch")]
+    assert alive == []
+
+
+def test_from_environment_uses_kubeconfig(
+    api: FakeKubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(api.write_kubeconfig(tmp_path / "config")))
+    api.create(locusttest("load-a"))
+    source = ClusterSource.from_environment(("default",), 0.5)
+    source.start()
+    try:
+        wait_until(source.ready)
+        assert source.get("default", "load-a") is not None
+    finally:
+        source.stop()
+
+
+def test_from_environment_without_any_configuration_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "nothing-here"))
+    with pytest.raises(SourceUnavailable, match="no Kubernetes API configuration"):
+        ClusterSource.from_environment()
+
+
+# -- the fake API server itself ---------------------------------------------------------------
+
+
+def raw_get(api: FakeKubeAPI, path: str, token: str = "test-token") -> tuple[int, bytes]:
+    context = ssl.create_default_context(cadata=api.ca_pem.decode())
+    conn = http.client.HTTPSConnection("localhost", int(api.url.rsplit(":", 1)[1]), context=context)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_fake_api_answers_errors_as_status_objects(api: FakeKubeAPI) -> None:
+    code, body = raw_get(api, "/apis/locust.io/v2/namespaces/default/locusttests/x", "wrong")
+    assert code == 401 and json.loads(body)["reason"] == "Unauthorized"
+    code, body = raw_get(api, "/apis/locust.io/v2/namespaces/default/locusttests/x")
+    status = json.loads(body)
+    assert code == 404 and status["kind"] == "Status" and status["details"]["name"] == "x"
+    code, _ = raw_get(api, "/apis/locust.io/v3/locusttests")
+    assert code == 404
+
+
+def test_fake_api_expired_watch_is_a_200_stream_with_one_error_event(api: FakeKubeAPI) -> None:
+    old = api.resource_version
+    api.create(locusttest("load-a"))
+    api.compact()
+    code, body = raw_get(api, f"/apis/locust.io/v2/locusttests?watch=1&resourceVersion={old}")
+    events = [json.loads(line) for line in body.splitlines()]
+    assert code == 200
+    assert [(e["type"], e["object"]["code"], e["object"]["reason"]) for e in events] == [
+        ("ERROR", 410, "Expired")
+    ]
+
+
+def test_fake_api_watch_streams_events_after_the_resource_version(api: FakeKubeAPI) -> None:
+    api.create(locusttest("load-a"))
+    start = api.resource_version
+    api.create(locusttest("load-b", "other"))
+    api.delete("default", "load-a")
+    code, body = raw_get(
+        api,
+        f"/apis/locust.io/v2/namespaces/default/locusttests?watch=true&resourceVersion={start}"
+        "&timeoutSeconds=1",
+    )
+    events = [json.loads(line) for line in body.splitlines()]
+    assert code == 200
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("DELETED", "load-a")]

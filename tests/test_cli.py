@@ -1,0 +1,218 @@
+"""The command line: settings (flags, environment twins, defaults, errors) and `inject`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import pytest
+import yaml
+from fixtures import locusttest, operator_pod
+
+from webhook.config import (
+    MUTATION_OPTIONS,
+    SERVE_OPTIONS,
+    MutationSettings,
+    ServeSettings,
+    SettingError,
+    add_options,
+    serve_settings,
+)
+
+CLI = str(Path(sys.executable).parent / "locust-webhook")
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_options(parser, SERVE_OPTIONS)
+    add_options(parser, MUTATION_OPTIONS)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def cert_args(tmp_path: Path) -> list[str]:
+    (tmp_path / "tls.crt").write_text("c")
+    (tmp_path / "tls.key").write_text("k")
+    return ["--cert-file", str(tmp_path / "tls.crt"), "--key-file", str(tmp_path / "tls.key")]
+
+
+def test_documented_defaults_are_the_settings_defaults() -> None:
+    documented = {o.attr: o.parse(o.default) for o in (*SERVE_OPTIONS, *MUTATION_OPTIONS)}
+    actual: dict[str, Any] = {
+        f.name: getattr(ServeSettings(), f.name) for f in fields(ServeSettings)
+    }
+    actual.update({f.name: getattr(MutationSettings(), f.name) for f in fields(MutationSettings)})
+    actual.pop("mutation")
+    assert documented == actual
+
+
+def test_flag_beats_environment_beats_default(cert_args: list[str]) -> None:
+    env = {"LOCUST_WEBHOOK_PORT": "9443", "LOCUST_WEBHOOK_SIDECAR_MODE": "container"}
+    settings = serve_settings(parse([*cert_args, "--port", "10443"]), env)
+    assert settings.port == 10443
+    assert settings.mutation.sidecar_mode == "container"
+    assert settings.workers == 2
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "named"),
+    [
+        (["--port", "http"], {}, "--port (LOCUST_WEBHOOK_PORT)"),
+        ([], {"LOCUST_WEBHOOK_PORT": "70000"}, "LOCUST_WEBHOOK_PORT"),
+        (["--failure-policy", "maybe"], {}, "--failure-policy"),
+        (["--sidecar-mode", "sidecar"], {}, "--sidecar-mode"),
+        (["--exporter-memory-limit", "lots"], {}, "--exporter-memory-limit"),
+        (
+            [],
+            {"LOCUST_WEBHOOK_RESOURCE_ATTRIBUTES": "perhaps"},
+            "LOCUST_WEBHOOK_RESOURCE_ATTRIBUTES",
+        ),
+        (["--namespaces", "Bad_Name"], {}, "--namespaces"),
+        (["--locusttests", "/nonexistent/dir"], {}, "--locusttests"),
+        (["--lookup-timeout", "-1"], {}, "--lookup-timeout"),
+    ],
+)
+def test_bad_settings_name_the_setting(
+    cert_args: list[str], argv: list[str], env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(SettingError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        serve_settings(parse([*cert_args, *argv]), env)
+
+
+def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            CLI,
+            "serve",
+            "--cert-file",
+            str(tmp_path / "none.crt"),
+            "--key-file",
+            str(tmp_path / "none.key"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "--cert-file" in done.stderr and "does not exist" in done.stderr
+
+
+def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        subprocess.run(
+            [CLI, "certs", "--out-dir", str(tmp_path / name), "--service", "localhost"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+    done = subprocess.run(
+        [
+            CLI,
+            "serve",
+            "--cert-file",
+            str(tmp_path / "one" / "tls.crt"),
+            "--key-file",
+            str(tmp_path / "two" / "tls.key"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "is not the key of" in done.stderr
+
+
+def test_help_shows_every_setting_with_env_and_default() -> None:
+    done = subprocess.run(
+        [CLI, "serve", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"COLUMNS": "400", "PATH": ""},
+    )
+    assert done.returncode == 0
+    for option in (*SERVE_OPTIONS, *MUTATION_OPTIONS):
+        assert option.flag in done.stdout
+        assert f"env {option.env}" in done.stdout
+
+
+def run_inject(
+    tmp_path: Path, obj: dict[str, Any], test: dict[str, Any], *args: str
+) -> subprocess.CompletedProcess[str]:
+    (tmp_path / "obj.yaml").write_text(yaml.safe_dump(obj))
+    (tmp_path / "lt.yaml").write_text(yaml.safe_dump(test))
+    return subprocess.run(
+        [
+            CLI,
+            "inject",
+            "-f",
+            str(tmp_path / "obj.yaml"),
+            "--locusttest",
+            str(tmp_path / "lt.yaml"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_inject_prints_the_mutated_pod(tmp_path: Path) -> None:
+    test = locusttest("demo", otel={"enabled": True, "endpoint": "otel:4317"})
+    done = run_inject(tmp_path, operator_pod("demo", "worker"), test)
+    assert done.returncode == 0, done.stderr
+    pod = yaml.safe_load(done.stdout)
+    assert "--otel" in pod["spec"]["containers"][0]["args"]
+    assert "no scheme" in done.stderr
+
+
+def test_inject_patch_applies_to_the_input(tmp_path: Path) -> None:
+    pod = operator_pod("demo", "master")
+    done = run_inject(tmp_path, pod, locusttest("demo"), "-o", "patch")
+    assert done.returncode == 0, done.stderr
+    patched = jsonpatch.JsonPatch(json.loads(done.stdout)).apply(pod)
+    assert patched["spec"]["initContainers"][0]["name"] == "locust-metrics-exporter"
+
+
+def test_inject_a_jobs_pod_template_from_stdin(tmp_path: Path) -> None:
+    pod = operator_pod("demo", "worker")
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "demo-worker"},
+        "spec": {"template": {"metadata": pod["metadata"], "spec": pod["spec"]}},
+    }
+    (tmp_path / "lt.yaml").write_text(
+        yaml.safe_dump(locusttest("demo", otel={"enabled": True, "endpoint": "http://c:4317"}))
+    )
+    done = subprocess.run(
+        [CLI, "inject", "-f", "-", "--locusttest", str(tmp_path / "lt.yaml"), "-o", "json"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    mutated = json.loads(done.stdout)
+    assert mutated["kind"] == "Job"
+    assert "--otel" in mutated["spec"]["template"]["spec"]["containers"][0]["args"]
+    patch = subprocess.run(
+        [CLI, "inject", "-f", "-", "--locusttest", str(tmp_path / "lt.yaml"), "-o", "patch"],
+        input=json.dumps(job),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert all(op["path"].startswith("/spec/template/") for op in json.loads(patch.stdout))
+
+
+def test_inject_refuses_other_kinds(tmp_path: Path) -> None:
+    done = run_inject(tmp_path, {"kind": "Deployment", "metadata": {}}, locusttest("demo"))
+    assert done.returncode == 2
+    assert "expected a Pod or a Job" in done.stderr

@@ -1,0 +1,169 @@
+"""`locust-webhook serve` reading LocustTests from a Kubernetes API over its real protocol
+(the local FakeKubeAPI: list, chunked watch streams, bookmarks, 410, bearer token, TLS)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures import locusttest, operator_pod, review
+from kubeapi import FakeKubeAPI
+from server_process import Server, serve
+
+OTEL = {"enabled": True, "endpoint": "http://otel-collector:4317"}
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError("condition not met in time")
+
+
+def admit(server: Server, pod: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
+    conn = http.client.HTTPSConnection(
+        "localhost", server.port, context=server.ssl_context(), timeout=10
+    )
+    try:
+        conn.request(
+            "POST",
+            "/mutate",
+            body=json.dumps(review(pod, namespace)),
+            headers={"Content-Type": "application/json"},
+        )
+        answer = conn.getresponse()
+        assert answer.status == 200
+        return dict(json.loads(answer.read())["response"])
+    finally:
+        conn.close()
+
+
+def patch_of(response: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(json.loads(base64.b64decode(response["patch"]))) if "patch" in response else []
+
+
+def readyz(server: Server) -> int:
+    conn = http.client.HTTPSConnection(
+        "localhost", server.port, context=server.ssl_context(), timeout=5
+    )
+    try:
+        conn.request("GET", "/readyz")
+        answer = conn.getresponse()
+        answer.read()
+        return answer.status
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI() as running:
+        yield running
+
+
+def cluster_env(api: FakeKubeAPI, tmp_path: Path) -> dict[str, str]:
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    return {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": ""}
+
+
+def test_locusttests_created_and_changed_after_start_are_used(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    api.create(locusttest("early", otel=OTEL))
+    with serve(tmp_path, "--workers", "2", env=cluster_env(api, tmp_path)) as server:
+        assert "--otel" in json.dumps(patch_of(admit(server, operator_pod("early", "worker"))))
+        api.create(locusttest("late", "team-a"))
+        wait_until(
+            lambda: (
+                "initContainers"
+                in json.dumps(patch_of(admit(server, operator_pod("late", "master"), "team-a")))
+            )
+        )
+        api.update(locusttest("late", "team-a", otel=OTEL))
+        wait_until(
+            lambda: (
+                "--otel"
+                in json.dumps(patch_of(admit(server, operator_pod("late", "master"), "team-a")))
+            )
+        )
+        api.delete("team-a", "late")
+        wait_until(
+            lambda: (
+                "not found"
+                in " ".join(
+                    admit(server, operator_pod("late", "master"), "team-a").get("warnings", [])
+                )
+            )
+        )
+        assert all(r.headers.get("authorization") == f"Bearer {api.token}" for r in api.requests)
+
+
+def test_lagging_watch_is_covered_by_a_direct_get(api: FakeKubeAPI, tmp_path: Path) -> None:
+    with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
+        api.lag = 30.0
+        api.create(locusttest("fresh", otel=OTEL))
+        response = admit(server, operator_pod("fresh", "worker"))
+        assert "--otel" in json.dumps(patch_of(response))
+
+
+def test_expired_watch_relists_and_keeps_serving(api: FakeKubeAPI, tmp_path: Path) -> None:
+    api.create(locusttest("stable"))
+    with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
+        lists_before = len(api.lists())
+        # While the API is away, history moves on and is compacted: the watch's
+        # resourceVersion is gone when it comes back (410 Expired), so it must re-list.
+        api.stop()
+        api.create(locusttest("after-relist", otel=OTEL))
+        api.delete("default", "stable")
+        api.create(locusttest("stable"))
+        api.compact()
+        api.start()
+        wait_until(lambda: len(api.lists()) > lists_before)
+        wait_until(
+            lambda: (
+                "--otel"
+                in json.dumps(patch_of(admit(server, operator_pod("after-relist", "worker"))))
+            )
+        )
+        assert "initContainers" in json.dumps(
+            patch_of(admit(server, operator_pod("stable", "master")))
+        )
+
+
+def test_api_down_at_start_fails_open_until_the_first_list(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    api.create(locusttest("waiting", otel=OTEL))
+    env = cluster_env(api, tmp_path)
+    api.stop()
+    with serve(
+        tmp_path, "--workers", "1", "--lookup-timeout", "0.5", env=env, ready=False
+    ) as server:
+        wait_until(lambda: _answers(server))
+        assert readyz(server) == 503
+        response = admit(server, operator_pod("waiting", "worker"))
+        assert response["allowed"] is True and "patch" not in response
+        assert "could not be read" in response["warnings"][0]
+        api.start()
+        wait_until(lambda: readyz(server) == 200, timeout=45)
+        assert "--otel" in json.dumps(patch_of(admit(server, operator_pod("waiting", "worker"))))
+        api.stop()
+        # The last known state keeps serving through an outage.
+        assert "--otel" in json.dumps(patch_of(admit(server, operator_pod("waiting", "master"))))
+        assert readyz(server) == 200
+
+
+def _answers(server: Server) -> bool:
+    try:
+        readyz(server)
+    except OSError:
+        return False
+    return True

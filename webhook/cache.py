@@ -1,0 +1,401 @@
+"""LocustTests from the Kubernetes API: list+watch into an in-memory cache, direct GET on a miss."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import urllib3
+from kubernetes import client, config, watch
+
+from . import metrics
+from .lookup import SourceUnavailable
+from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
+
+log = logging.getLogger(__name__)
+
+GROUP = "locust.io"
+PLURAL = "locusttests"
+RESOURCE = f"{PLURAL}.{GROUP}"
+# Newest first: only v2 carries spec.observability.
+VERSIONS = ("v2", "v1")
+CLUSTER = ""  # the scope of a cluster-wide list/watch
+PAGE_SIZE = 500
+CONNECT_TIMEOUT = 5.0
+LIST_TIMEOUT = 60.0
+BACKOFF_START = 0.2
+BACKOFF_CAP = 30.0
+LOOKUP_DELAYS = (0.05, 0.1, 0.2, 0.4)
+STOP_TIMEOUT = 2.0
+
+# What a list, a watch or a GET raises when the API is unreachable, slow, or answers garbage.
+_TRANSIENT = (urllib3.exceptions.HTTPError, OSError, ValueError)
+
+Key = tuple[str, str]
+View = dict[Key, LocustTestInfo]
+
+
+class _Backoff:
+    """Exponential backoff with jitter, from BACKOFF_START up to BACKOFF_CAP."""
+
+    def __init__(self) -> None:
+        self._ceiling = BACKOFF_START
+
+    def next(self) -> float:
+        delay = random.uniform(self._ceiling / 2, self._ceiling)
+        self._ceiling = min(self._ceiling * 2, BACKOFF_CAP)
+        return delay
+
+    def reset(self) -> None:
+        self._ceiling = BACKOFF_START
+
+
+@dataclass
+class _Scope:
+    """One list/watch: a namespace, or CLUSTER; owned by its thread."""
+
+    namespace: str
+    version: str = VERSIONS[0]
+    resource_version: str | None = None
+    forbidden_logged: bool = False
+    watch: watch.Watch | None = None
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def where(self) -> str:
+        return (
+            "at the cluster scope"
+            if self.namespace == CLUSTER
+            else f"in namespace {self.namespace}"
+        )
+
+
+class ClusterSource:
+    """LocustTests of the cluster, kept by list+watch of `locusttests.locust.io` (v2, else v1).
+
+    Reads are lock-free dict lookups; a re-list swaps a scope's whole dict at once.
+    """
+
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        namespaces: tuple[str, ...] = (),
+        lookup_timeout: float = 1.5,
+        *,
+        watch_timeout: float = 240.0,
+    ) -> None:
+        self._namespaces = frozenset(namespaces)
+        self._lookup_timeout = lookup_timeout
+        self._watch_timeout = watch_timeout
+        # Our own pool: no urllib3-level retries (they would restart timeouts and break the
+        # lookup budget; we retry ourselves) and room for every watch plus lookups.
+        configuration = copy.deepcopy(api_client.configuration)
+        configuration.retries = False
+        configuration.connection_pool_maxsize = len(namespaces) + 8
+        self._client = client.ApiClient(configuration)
+        self._api = client.CustomObjectsApi(self._client)
+        self._scopes = [_Scope(ns) for ns in sorted(namespaces)] or [_Scope(CLUSTER)]
+        # Keys are fixed here so that size() can iterate while watch threads swap the values.
+        self._views: dict[str, View] = {scope.namespace: {} for scope in self._scopes}
+        self._synced: set[str] = set()
+        self._version: str | None = None
+        self._stopping = threading.Event()
+
+    @classmethod
+    def from_environment(
+        cls, namespaces: tuple[str, ...] = (), lookup_timeout: float = 1.5
+    ) -> ClusterSource:
+        """A source using the in-cluster service account, else KUBECONFIG or ~/.kube/config."""
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            return cls(client.ApiClient(configuration), namespaces, lookup_timeout)
+        kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+        paths = [p for p in kubeconfig.split(os.pathsep) if p]
+        if not any(os.path.exists(p) for p in paths):
+            raise SourceUnavailable(
+                "no Kubernetes API configuration: not running in a cluster "
+                f"(KUBERNETES_SERVICE_HOST unset) and no kubeconfig at {kubeconfig} "
+                "(set KUBECONFIG, or use --locusttests DIR)"
+            )
+        try:
+            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        except config.ConfigException as exc:
+            raise SourceUnavailable(f"cannot use kubeconfig {kubeconfig}: {exc}") from exc
+        return cls(api_client, namespaces, lookup_timeout)
+
+    # -- LocustTestSource --------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start one list/watch thread per scope (after gunicorn forks, never at import)."""
+        metrics.CACHE_SYNCED.set(0)
+        for scope in self._scopes:
+            name = f"locusttest-watch-{scope.namespace or 'cluster'}"
+            scope.thread = threading.Thread(target=self._run, args=(scope,), name=name, daemon=True)
+            scope.thread.start()
+
+    def stop(self) -> None:
+        """Stop the watch threads, waiting at most STOP_TIMEOUT for them."""
+        self._stopping.set()
+        for scope in self._scopes:
+            if scope.watch is not None:
+                scope.watch.stop()  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for scope in self._scopes:
+            if scope.thread is not None:
+                scope.thread.join(max(0.0, deadline - time.monotonic()))
+        self._client.close()  # type: ignore[no-untyped-call]
+
+    def ready(self) -> bool:
+        """True once every scope has been listed; stays True through later API outages."""
+        return len(self._synced) == len(self._scopes)
+
+    def size(self) -> int:
+        """How many LocustTests the cache holds."""
+        return sum(len(view) for view in self._views.values())
+
+    def get(self, namespace: str, name: str) -> LocustTestInfo | None:
+        """The cached LocustTest, else one bounded direct GET (the watch may lag behind)."""
+        if self._namespaces and namespace not in self._namespaces:
+            metrics.LOOKUPS.labels(result="not_found").inc()
+            return None
+        view = self._views[namespace if self._namespaces else CLUSTER]
+        info = view.get((namespace, name))
+        if info is not None:
+            metrics.LOOKUPS.labels(result="cache_hit").inc()
+            return info
+        return self._get_direct(namespace, name, view)
+
+    # -- direct lookups ------------------------------------------------------------------------
+
+    def _get_direct(self, namespace: str, name: str, view: View) -> LocustTestInfo | None:
+        deadline = time.monotonic() + self._lookup_timeout
+        answered = False  # the API said 404 at least once: the LocustTest does not exist
+        failure: Exception | None = None
+        attempt = 0
+        while True:
+            try:
+                obj = self._fetch(namespace, name, deadline)
+            except client.ApiException as exc:
+                failure = exc
+                if exc.status in (401, 403):
+                    break  # credentials and RBAC do not fix themselves within a lookup
+            except _TRANSIENT as exc:
+                failure = exc
+            else:
+                if obj is not None:
+                    return self._found(obj, view)
+                answered = True
+            delay = LOOKUP_DELAYS[min(attempt, len(LOOKUP_DELAYS) - 1)]
+            attempt += 1
+            if time.monotonic() + delay >= deadline:
+                break
+            time.sleep(delay)
+        if answered:
+            metrics.LOOKUPS.labels(result="not_found").inc()
+            return None
+        metrics.LOOKUPS.labels(result="unavailable").inc()
+        raise SourceUnavailable(
+            f"cannot look up LocustTest {namespace}/{name}: {_describe(failure)}"
+        ) from failure
+
+    def _fetch(self, namespace: str, name: str, deadline: float) -> Any:
+        """The object from the API, None on 404 (in every version that may serve it)."""
+        for version in (self._version,) if self._version else VERSIONS:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no answer within {self._lookup_timeout:g}s")
+            try:
+                resp: Any = self._api.get_namespaced_custom_object(
+                    GROUP, version, namespace, PLURAL, name,
+                    _preload_content=False, _request_timeout=remaining,
+                )  # fmt: skip
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+                continue
+            try:
+                return orjson.loads(resp.data)
+            finally:
+                resp.release_conn()
+        return None
+
+    def _found(self, obj: Any, view: View) -> LocustTestInfo | None:
+        try:
+            info = parse_locusttest(obj)
+        except InvalidLocustTest as exc:
+            log.warning("ignoring an invalid LocustTest: %s", exc)
+            metrics.LOOKUPS.labels(result="not_found").inc()
+            return None
+        # The watch may already have delivered a newer version: keep it.
+        view.setdefault((info.namespace, info.name), info)
+        metrics.CACHE_SIZE.set(self.size())
+        metrics.LOOKUPS.labels(result="direct_get").inc()
+        return info
+
+    # -- list and watch ------------------------------------------------------------------------
+
+    def _run(self, scope: _Scope) -> None:
+        backoff = _Backoff()
+        while not self._stopping.is_set():
+            try:
+                if scope.resource_version is None:
+                    self._list(scope)
+                    backoff.reset()
+                self._watch(scope, backoff)
+                if self._stopping.is_set():
+                    return
+                # The server ended the watch (timeoutSeconds): resume where it stopped.
+                metrics.WATCH_RESTARTS.labels(reason="closed").inc()
+                continue
+            except client.ApiException as exc:
+                if exc.status == 410:
+                    log.info("LocustTest watch %s expired, re-listing", scope.where)
+                    metrics.WATCH_RESTARTS.labels(reason="expired").inc()
+                    scope.resource_version = None
+                    continue
+                failure: Exception = exc
+            # Whatever the API sent, the thread must survive: the cache keeps serving.
+            except Exception as exc:
+                failure = exc
+            if self._stopping.is_set():
+                return
+            self._log_failure(scope, failure)
+            metrics.WATCH_RESTARTS.labels(reason="error").inc()
+            self._stopping.wait(backoff.next())
+
+    def _log_failure(self, scope: _Scope, exc: Exception) -> None:
+        if isinstance(exc, client.ApiException) and exc.status == 403:
+            if not scope.forbidden_logged:
+                scope.forbidden_logged = True
+                log.error(
+                    "RBAC: the service account cannot list %s %s (needs get, list, watch)",
+                    RESOURCE,
+                    scope.where,
+                )
+        elif isinstance(exc, client.ApiException) and exc.status == 404:
+            log.error("%s is not served (is the LocustTest CRD installed?)", RESOURCE)
+        elif isinstance(exc, (client.ApiException, *_TRANSIENT)):
+            log.warning("LocustTest list/watch %s failed: %s", scope.where, _describe(exc))
+        else:
+            log.error("LocustTest list/watch %s failed", scope.where, exc_info=exc)
+
+    def _list_call(self, version: str, scope: _Scope, **kwargs: Any) -> Any:
+        if scope.namespace == CLUSTER:
+            return self._api.list_cluster_custom_object(GROUP, version, PLURAL, **kwargs)
+        return self._api.list_namespaced_custom_object(
+            GROUP, version, scope.namespace, PLURAL, **kwargs
+        )
+
+    def _list_page(self, version: str, scope: _Scope, token: str | None) -> Any:
+        resp = self._list_call(
+            version, scope,
+            limit=PAGE_SIZE, _continue=token,
+            _preload_content=False, _request_timeout=(CONNECT_TIMEOUT, LIST_TIMEOUT),
+        )  # fmt: skip
+        try:
+            return orjson.loads(resp.data)
+        finally:
+            resp.release_conn()
+
+    def _first_page(self, scope: _Scope) -> tuple[str, Any]:
+        """The first page of the list, from the newest served version."""
+        for version in VERSIONS[:-1]:
+            try:
+                return version, self._list_page(version, scope, None)
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
+        return VERSIONS[-1], self._list_page(VERSIONS[-1], scope, None)
+
+    def _list(self, scope: _Scope) -> None:
+        version, page = self._first_page(scope)
+        if version != self._version:
+            log.info("reading LocustTests as %s/%s", GROUP, version)
+            self._version = version
+        scope.version = version
+        resource_version = str(page["metadata"]["resourceVersion"])
+        view: View = {}
+        while True:
+            for item in page.get("items") or ():
+                item.setdefault("apiVersion", f"{GROUP}/{version}")
+                info = _parse(item)
+                if info is not None:
+                    view[(info.namespace, info.name)] = info
+            token = page["metadata"].get("continue")
+            if not token:
+                break
+            page = self._list_page(version, scope, token)
+        # One assignment: readers see the old view or the new one, never a mix.
+        self._views[scope.namespace] = view
+        scope.resource_version = resource_version
+        scope.forbidden_logged = False
+        self._synced.add(scope.namespace)
+        metrics.CACHE_SIZE.set(self.size())
+        if self.ready():
+            metrics.CACHE_SYNCED.set(1)
+        log.info("listed %d LocustTests %s", len(view), scope.where)
+
+    def _watch(self, scope: _Scope, backoff: _Backoff) -> None:
+        timeout = max(1, round(self._watch_timeout * random.uniform(1.0, 1.5)))
+        scope.watch = watch.Watch()  # type: ignore[no-untyped-call]
+        try:
+            if self._stopping.is_set():
+                return
+            stream = scope.watch.stream(  # type: ignore[no-untyped-call]
+                self._list_call, scope.version, scope,
+                resource_version=scope.resource_version,
+                allow_watch_bookmarks=True,
+                timeout_seconds=timeout,
+                _request_timeout=(CONNECT_TIMEOUT, timeout + 30),
+            )  # fmt: skip
+            for event in stream:
+                if self._stopping.is_set():
+                    return
+                if isinstance(event, dict):
+                    self._apply(scope, event["type"], event["raw_object"])
+                    backoff.reset()
+        finally:
+            scope.watch = None
+
+    def _apply(self, scope: _Scope, kind: str, obj: Any) -> None:
+        if kind in ("ADDED", "MODIFIED"):
+            info = _parse(obj)
+            if info is not None:
+                self._views[scope.namespace][(info.namespace, info.name)] = info
+        elif kind == "DELETED":
+            metadata = obj.get("metadata") or {}
+            key = (metadata.get("namespace") or "", metadata.get("name") or "")
+            self._views[scope.namespace].pop(key, None)
+        if kind != "BOOKMARK":
+            metrics.CACHE_SIZE.set(self.size())
+        scope.resource_version = str(obj["metadata"]["resourceVersion"])
+
+
+def _parse(obj: Any) -> LocustTestInfo | None:
+    try:
+        return parse_locusttest(obj)
+    except InvalidLocustTest as exc:
+        metadata = obj.get("metadata") if isinstance(obj, dict) else None
+        where = (
+            f"{metadata.get('namespace')}/{metadata.get('name')}"
+            if isinstance(metadata, dict)
+            else "?"
+        )
+        log.warning("skipping invalid LocustTest %s: %s", where, exc)
+        return None
+
+
+def _describe(exc: Exception | None) -> str:
+    if isinstance(exc, client.ApiException):
+        if exc.status == 403:
+            return f"RBAC: the service account cannot get {RESOURCE} (needs get, list, watch)"
+        return f"HTTP {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
