@@ -119,6 +119,8 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
             str(tmp_path / "one" / "tls.crt"),
             "--key-file",
             str(tmp_path / "two" / "tls.key"),
+            "--locusttests",
+            str(tmp_path),
         ],
         capture_output=True,
         text=True,
@@ -126,6 +128,32 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "is not the key of" in done.stderr
+
+
+def test_serve_without_cluster_or_directory_says_what_to_set(tmp_path: Path) -> None:
+    subprocess.run(
+        [CLI, "certs", "--out-dir", str(tmp_path), "--service", "localhost"],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    done = subprocess.run(
+        [
+            CLI,
+            "serve",
+            "--cert-file",
+            str(tmp_path / "tls.crt"),
+            "--key-file",
+            str(tmp_path / "tls.key"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "missing")},
+    )
+    assert done.returncode == 2
+    assert "no Kubernetes API configuration" in done.stderr
+    assert "KUBECONFIG" in done.stderr and "--locusttests" in done.stderr
 
 
 def test_help_shows_every_setting_with_env_and_default() -> None:

@@ -1,0 +1,223 @@
+"""Certificate hot reload: new handshakes get the new certificate, no request fails, a bad
+pair is refused and the old one kept."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+from fixtures import operator_pod, review
+from server_process import BIN, Server, serve
+
+BODY = json.dumps(review(operator_pod("any", "worker"))).encode()
+
+
+def certs(directory: Path, days: int) -> Path:
+    command = [str(BIN / "locust-webhook"), "certs", "--out-dir", str(directory)]
+    command += ["--service", "localhost", "--days", str(days), "--renew-before-days", "1"]
+    subprocess.run(command, check=True, capture_output=True, timeout=30)
+    return directory
+
+
+def fingerprint(directory: Path) -> str:
+    pem = (directory / "tls.crt").read_bytes()
+    der = x509.load_pem_x509_certificate(pem).public_bytes(Encoding.DER)
+    return hashlib.sha256(der).hexdigest()
+
+
+class SecretVolume:
+    """A directory laid out like a mounted Secret: files are symlinks through `..data`, and an
+    update swaps `..data` atomically (what the kubelet does)."""
+
+    def __init__(self, root: Path, first: Path) -> None:
+        self.root = root
+        root.mkdir()
+        self._generation = 0
+        self.publish(first)
+        for name in ("ca.crt", "tls.crt", "tls.key"):
+            (root / name).symlink_to(Path("..data") / name)
+
+    def publish(self, source: Path) -> None:
+        self._generation += 1
+        target = self.root / f"..gen{self._generation}"
+        target.mkdir()
+        for name in ("ca.crt", "tls.crt", "tls.key"):
+            (target / name).write_bytes((source / name).read_bytes())
+        link = self.root / "..data_tmp"
+        link.symlink_to(target.name)
+        os.replace(link, self.root / "..data")
+
+
+@dataclass
+class Client:
+    """Admissions in a loop, each on a fresh TLS connection, recording the certificate served."""
+
+    server: Server
+    context: ssl.SSLContext
+    sent: int = 0
+    failed: list[str] = field(default_factory=list)
+    seen: list[tuple[float, str]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.sent += 1
+            try:
+                conn = http.client.HTTPSConnection(
+                    "localhost", self.server.port, context=self.context, timeout=10
+                )
+                conn.request(
+                    "POST", "/mutate", body=BODY, headers={"Content-Type": "application/json"}
+                )
+                answer = conn.getresponse()
+                answer.read()
+                assert conn.sock is not None
+                der = conn.sock.getpeercert(binary_form=True)
+                conn.close()
+                if answer.status != 200:
+                    self.failed.append(f"HTTP {answer.status}")
+                    continue
+                assert der is not None
+                self.seen.append((time.monotonic(), hashlib.sha256(der).hexdigest()))
+            except (OSError, AssertionError) as exc:
+                self.failed.append(repr(exc))
+
+    def wait_for(self, cert: str, timeout: float = 15.0) -> float:
+        """Seconds from now until a handshake served `cert`."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if any(t >= start and fp == cert for t, fp in self.seen[-50:]):
+                return time.monotonic() - start
+            time.sleep(0.02)
+        raise TimeoutError(f"certificate {cert[:12]} not served within {timeout} s")
+
+
+@pytest.fixture
+def pairs(tmp_path: Path) -> tuple[Path, Path, Path]:
+    return certs(tmp_path / "a", 30), certs(tmp_path / "b", 60), certs(tmp_path / "c", 90)
+
+
+@pytest.fixture
+def client_context(tmp_path: Path, pairs: tuple[Path, Path, Path]) -> ssl.SSLContext:
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(b"".join((p / "ca.crt").read_bytes() for p in pairs))
+    return ssl.create_default_context(cafile=str(bundle))
+
+
+@pytest.fixture
+def running(
+    tmp_path: Path, pairs: tuple[Path, Path, Path], client_context: ssl.SSLContext
+) -> Iterator[tuple[Server, SecretVolume, Client]]:
+    volume = SecretVolume(tmp_path / "secret", pairs[0])
+    examples = tmp_path / "locusttests"
+    examples.mkdir()
+    with serve(
+        tmp_path, "--workers", "2", "--locusttests", str(examples), cert_dir=volume.root
+    ) as server:
+        client = Client(server, client_context)
+        thread = threading.Thread(target=client.run, daemon=True)
+        thread.start()
+        try:
+            yield server, volume, client
+        finally:
+            client.stop.set()
+            thread.join(timeout=15)
+
+
+def expiry_metric(server: Server, context: ssl.SSLContext) -> float:
+    conn = http.client.HTTPSConnection("localhost", server.port, context=context, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    line = next(
+        x
+        for x in text.splitlines()
+        if x.startswith("locust_webhook_certificate_expiry_timestamp_seconds ")
+    )
+    return float(line.split()[1])
+
+
+def not_after(directory: Path) -> float:
+    cert = x509.load_pem_x509_certificate((directory / "tls.crt").read_bytes())
+    return cert.not_valid_after_utc.timestamp()
+
+
+def test_secret_update_is_served_without_a_failed_request(
+    running: tuple[Server, SecretVolume, Client],
+    pairs: tuple[Path, Path, Path],
+    client_context: ssl.SSLContext,
+) -> None:
+    server, volume, client = running
+    client.wait_for(fingerprint(pairs[0]))
+    volume.publish(pairs[1])
+    took = client.wait_for(fingerprint(pairs[1]))
+    volume.publish(pairs[2])
+    took_again = client.wait_for(fingerprint(pairs[2]))
+    time.sleep(0.5)
+    client.stop.set()
+    print(
+        f"\nhot reload: {client.sent} requests on fresh connections, {len(client.failed)} "
+        f"failed; new certificate served after {took:.2f} s and {took_again:.2f} s"
+    )
+    assert client.failed == []
+    assert client.sent > 20
+    # Every worker reports the new expiry once it has served a handshake with it.
+    deadline = time.monotonic() + 10
+    while expiry_metric(server, client_context) != not_after(pairs[2]):
+        assert time.monotonic() < deadline, "certificate expiry metric not updated"
+        time.sleep(0.2)
+
+
+def test_mismatched_pair_is_refused_and_the_old_one_kept(
+    running: tuple[Server, SecretVolume, Client],
+    pairs: tuple[Path, Path, Path],
+) -> None:
+    server, volume, client = running
+    old = fingerprint(pairs[0])
+    client.wait_for(old)
+    # A non-atomic update: the certificate lands first, its key a moment later.
+    data = volume.root / "..data"
+    (data / "tls.crt").write_bytes((pairs[1] / "tls.crt").read_bytes())
+    deadline = time.monotonic() + 10
+    while "keeping the current certificate" not in server.log():
+        assert time.monotonic() < deadline, "the mismatched pair was not reported"
+        time.sleep(0.1)
+    start = time.monotonic()
+    while time.monotonic() - start < 1.5:
+        assert client.seen[-1][1] == old
+        time.sleep(0.1)
+    (data / "tls.key").write_bytes((pairs[1] / "tls.key").read_bytes())
+    client.wait_for(fingerprint(pairs[1]))
+    client.stop.set()
+    assert client.failed == []
+    assert "is not the key of" in server.log()
+
+
+def test_half_written_certificate_is_refused(
+    running: tuple[Server, SecretVolume, Client],
+    pairs: tuple[Path, Path, Path],
+) -> None:
+    server, volume, client = running
+    client.wait_for(fingerprint(pairs[0]))
+    pem = (pairs[1] / "tls.crt").read_bytes()
+    (volume.root / "..data" / "tls.crt").write_bytes(pem[: len(pem) // 2])
+    deadline = time.monotonic() + 10
+    while "keeping the current certificate" not in server.log():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.2)
+    client.stop.set()
+    assert client.failed == []
+    assert client.seen[-1][1] == fingerprint(pairs[0])
