@@ -244,3 +244,15 @@ def test_inject_refuses_other_kinds(tmp_path: Path) -> None:
     done = run_inject(tmp_path, {"kind": "Deployment", "metadata": {}}, locusttest("demo"))
     assert done.returncode == 2
     assert "expected a Pod or a Job" in done.stderr
+
+
+def test_readme_documents_every_setting_with_its_default() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    rows = {
+        line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `--")
+    }
+    for option in (*SERVE_OPTIONS, *MUTATION_OPTIONS):
+        row = rows.get(f"`{option.flag}`")
+        assert row is not None, f"{option.flag} is not in the README's configuration table"
+        assert f"`{option.env}`" in row
+        assert (f"`{option.default}`" if option.default else "(empty)") in row
