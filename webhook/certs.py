@@ -652,15 +652,15 @@ def api_client(kubeconfig: str) -> Any:
 def _with_conflict_retries(action: Callable[[], list[str]]) -> list[str]:
     from kubernetes.client import ApiException
 
-    for attempt in range(1, CONFLICT_RETRIES + 1):
+    for _ in range(CONFLICT_RETRIES - 1):
         try:
             return action()
         except ApiException as exc:
             # 409: another run (the install Job and the renewal CronJob) wrote first; start over
             # from what it wrote.
-            if exc.status != 409 or attempt == CONFLICT_RETRIES:
+            if exc.status != 409:
                 raise
-    raise AssertionError("unreachable")
+    return action()
 
 
 # --- command --------------------------------------------------------------------------------

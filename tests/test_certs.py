@@ -1,0 +1,391 @@
+"""`locust-webhook certs`: chain, names, key type, expiry, idempotency, rotation; files, cluster."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import socket
+import ssl
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from kube_core_api import FakeCluster, Request, serve
+
+from webhook.certs import (
+    Material,
+    Names,
+    Validity,
+    add_parser,
+    certs_settings,
+    material_from_secret,
+    reconcile,
+    secret_data,
+    subject_alternative_names,
+)
+from webhook.config import SettingError
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE_NAMES = {
+    "locust-webhook",
+    "locust-webhook.locust-webhook",
+    "locust-webhook.locust-webhook.svc",
+    "locust-webhook.locust-webhook.svc.cluster.local",
+}
+NAMES = Names("locust-webhook", "locust-webhook")
+SECRET = ("secrets", "locust-webhook", "locust-webhook-tls")
+CONFIG = ("mutatingwebhookconfigurations", "", "locust-webhook")
+
+
+def certs(*argv: str) -> int:
+    """Run `locust-webhook certs ARGV` through the parser the CLI registers."""
+    parser = argparse.ArgumentParser(prog="locust-webhook")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["certs", *argv])
+    code: int = args.func(args)
+    return code
+
+
+def load_dir(directory: Path) -> tuple[list[x509.Certificate], x509.Certificate, Any]:
+    """(CA bundle, serving certificate, serving key) from a --out-dir."""
+    bundle = x509.load_pem_x509_certificates((directory / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((directory / "tls.crt").read_bytes())
+    key = load_pem_private_key((directory / "tls.key").read_bytes(), password=None)
+    return bundle, cert, key
+
+
+def handshake(ca_file: Path, cert_file: Path, key_file: Path, hostname: str) -> None:
+    """A real TLS handshake, verified strictly by the client against `ca_file`."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert_file, key_file)
+    client_ctx = ssl.create_default_context(cafile=str(ca_file))
+    client_ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    left, right = socket.socketpair()
+    errors: list[BaseException] = []
+
+    def accept() -> None:
+        try:
+            with server_ctx.wrap_socket(right, server_side=True):
+                pass
+        except (ssl.SSLError, OSError) as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=accept)
+    thread.start()
+    try:
+        with client_ctx.wrap_socket(left, server_hostname=hostname) as tls:
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    finally:
+        thread.join()
+        right.close()
+    assert not errors
+
+
+def issued_at(when: datetime, validity: Validity) -> Material:
+    """Material as `certs` would have written it at `when`."""
+    return reconcile(None, NAMES, validity, when).material
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+def test_serving_certificate_is_signed_by_the_ca_for_the_service_names(tmp_path: Path) -> None:
+    before = datetime.now(UTC)
+    assert certs("--out-dir", str(tmp_path), "--days", "90", "--ca-days", "400") == 0
+    bundle, cert, key = load_dir(tmp_path)
+
+    assert len(bundle) == 1
+    ca = bundle[0]
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert subject_alternative_names(cert) == SERVICE_NAMES
+    for public in (cert.public_key(), ca.public_key()):
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        assert isinstance(public.curve, ec.SECP256R1)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert key.public_key() == cert.public_key()
+    expected = before + timedelta(days=90)
+    assert abs(cert.not_valid_after_utc - expected) < timedelta(minutes=1)
+    assert abs(ca.not_valid_after_utc - (before + timedelta(days=400))) < timedelta(minutes=1)
+    handshake(
+        tmp_path / "ca.crt",
+        tmp_path / "tls.crt",
+        tmp_path / "tls.key",
+        "locust-webhook.locust-webhook.svc",
+    )
+
+
+def test_localhost_certificate_also_covers_the_loopback_addresses(tmp_path: Path) -> None:
+    assert certs("--out-dir", str(tmp_path), "--service", "localhost") == 0
+    _, cert, _ = load_dir(tmp_path)
+    assert {"localhost", "127.0.0.1", "::1"} <= subject_alternative_names(cert)
+    handshake(tmp_path / "ca.crt", tmp_path / "tls.crt", tmp_path / "tls.key", "127.0.0.1")
+
+
+def test_keys_are_readable_by_the_owner_only(tmp_path: Path) -> None:
+    assert certs("--out-dir", str(tmp_path)) == 0
+    assert (tmp_path / "tls.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "tls.crt").stat().st_mode & 0o777 == 0o644
+
+
+def test_second_run_keeps_valid_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert certs("--out-dir", str(tmp_path)) == 0
+    before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in tmp_path.iterdir()}
+    capsys.readouterr()
+
+    assert certs("--out-dir", str(tmp_path)) == 0
+
+    assert {p.name: (p.stat().st_ino, p.read_bytes()) for p in tmp_path.iterdir()} == before
+    assert "nothing written" in capsys.readouterr().out
+
+
+def test_other_names_renew_the_serving_certificate_under_the_same_ca(tmp_path: Path) -> None:
+    assert certs("--out-dir", str(tmp_path)) == 0
+    ca_before = (tmp_path / "ca.crt").read_bytes()
+
+    assert certs("--out-dir", str(tmp_path), "--service", "other", "--namespace", "perf") == 0
+
+    bundle, cert, _ = load_dir(tmp_path)
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before
+    assert "other.perf.svc" in subject_alternative_names(cert)
+    cert.verify_directly_issued_by(bundle[0])
+    assert not list(tmp_path.glob(".*")), "no temporary file is left behind"
+
+
+def test_a_mismatched_key_is_replaced(tmp_path: Path) -> None:
+    assert certs("--out-dir", str(tmp_path)) == 0
+    other = tmp_path / "other"
+    assert certs("--out-dir", str(other)) == 0
+    (tmp_path / "tls.key").write_bytes((other / "tls.key").read_bytes())
+
+    assert certs("--out-dir", str(tmp_path)) == 0
+
+    _, cert, key = load_dir(tmp_path)
+    assert key.public_key() == cert.public_key()
+
+
+# --- renewal and rotation -------------------------------------------------------------------
+
+
+def test_serving_certificate_is_renewed_before_expiry_under_the_same_ca() -> None:
+    validity = Validity(days=90, ca_days=3650, renew_before_days=30)
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    first = issued_at(start, validity)
+
+    assert reconcile(first, NAMES, validity, start + timedelta(days=59)).changes == ()
+    renewed = reconcile(first, NAMES, validity, start + timedelta(days=61))
+
+    assert renewed.changes and "renewed the serving certificate" in renewed.changes[0]
+    assert renewed.material.ca_bundle == first.ca_bundle
+    assert renewed.material.tls_crt != first.tls_crt
+    assert renewed.not_after == start + timedelta(days=61 + 90)
+
+
+def test_ca_rotation_trusts_both_cas_until_the_old_one_expires() -> None:
+    validity = Validity(days=100, ca_days=365, renew_before_days=2)
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    first = issued_at(start, validity)
+    old_ca = x509.load_pem_x509_certificate(first.ca_bundle)
+    old_cert = x509.load_pem_x509_certificate(first.tls_crt)
+
+    # 270 days in, the CA has 95 days left: less than a new 100-day serving certificate.
+    rotated = reconcile(first, NAMES, validity, start + timedelta(days=270))
+
+    assert rotated.changes and "new CA" in rotated.changes[0]
+    new_ca, kept = x509.load_pem_x509_certificates(rotated.material.ca_bundle)
+    assert kept == old_ca and new_ca != old_ca
+    x509.load_pem_x509_certificate(rotated.material.tls_crt).verify_directly_issued_by(new_ca)
+    old_cert.verify_directly_issued_by(kept)  # servers not yet reloaded still verify
+
+    # The old CA is gone; the serving certificate (until day 370) is not due yet.
+    after_expiry = start + timedelta(days=366)
+    pruned = reconcile(rotated.material, NAMES, validity, after_expiry)
+    assert pruned.changes == ("dropped 1 expired CA",)
+    assert x509.load_pem_x509_certificates(pruned.material.ca_bundle) == [new_ca]
+    assert reconcile(pruned.material, NAMES, validity, after_expiry).changes == ()
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["certs", *argv])
+
+
+def test_settings_come_from_flags_else_environment() -> None:
+    environ = {"LOCUST_WEBHOOK_DAYS": "40", "LOCUST_WEBHOOK_OUT_DIR": "from-env"}
+    settings = certs_settings(parse("--out-dir", "certs"), environ)
+    assert settings.out_dir == "certs"
+    assert settings.validity.days == 40
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ((), "either --out-dir"),
+        (("--out-dir", "x", "--secret", "s", "--webhook-config", "w"), "either --out-dir"),
+        (("--secret", "s"), "go together"),
+        (("--out-dir", "x", "--days", "30", "--renew-before-days", "30"), "less than --days"),
+        (("--out-dir", "x", "--days", "400", "--ca-days", "365"), "more than --days"),
+        (("--out-dir", "x", "--days", "soon"), "LOCUST_WEBHOOK_DAYS"),
+        (("--out-dir", "x", "--service", "Not_A_Name"), "DNS label"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_flag_named(argv: tuple[str, ...], message: str) -> None:
+    with pytest.raises(SettingError, match=message):
+        certs_settings(parse(*argv), {})
+
+
+# --- cluster --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Any:
+    """A fake API server holding the deploy/ webhook configuration, and a kubeconfig for it."""
+    config = yaml.safe_load((ROOT / "deploy/base/mutatingwebhookconfiguration.yaml").read_text())
+    # A second webhook shows that every entry gets the bundle.
+    second = {**copy.deepcopy(config["webhooks"][0]), "name": "second.locust-webhook.locust.io"}
+    config["webhooks"].append(second)
+    with serve(tmp_path) as (fake, kubeconfig):
+        fake.put("mutatingwebhookconfigurations", "", config)
+        yield fake, kubeconfig
+
+
+def in_cluster(kubeconfig: Path) -> int:
+    return certs(
+        "--secret",
+        "locust-webhook-tls",
+        "--webhook-config",
+        "locust-webhook",
+        "--kubeconfig",
+        str(kubeconfig),
+    )
+
+
+def ca_bundles(fake: FakeCluster) -> list[bytes]:
+    config = fake.get(*CONFIG)
+    assert config is not None
+    return [base64.b64decode(w["clientConfig"]["caBundle"]) for w in config["webhooks"]]
+
+
+def test_creates_the_secret_and_patches_every_ca_bundle(cluster: Any) -> None:
+    fake, kubeconfig = cluster
+
+    assert in_cluster(kubeconfig) == 0
+
+    secret = fake.get(*SECRET)
+    assert secret is not None and secret["type"] == "kubernetes.io/tls"
+    assert {"tls.crt", "tls.key", "ca.crt"} <= set(secret["data"])
+    material = material_from_secret(secret)
+    assert material is not None
+    assert ca_bundles(fake) == [material.ca_bundle, material.ca_bundle]
+    cert = x509.load_pem_x509_certificate(material.tls_crt)
+    cert.verify_directly_issued_by(x509.load_pem_x509_certificate(material.ca_bundle))
+    assert subject_alternative_names(cert) == SERVICE_NAMES
+    patches = [r for r in fake.writes if r.method == "PATCH"]
+    assert [p.content_type for p in patches] == ["application/json-patch+json"]
+
+
+def test_second_run_writes_nothing(cluster: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    fake, kubeconfig = cluster
+    assert in_cluster(kubeconfig) == 0
+    fake.requests.clear()
+    capsys.readouterr()
+
+    assert in_cluster(kubeconfig) == 0
+
+    assert fake.requests, "the second run read the objects"
+    assert fake.writes == []
+    out = capsys.readouterr().out
+    assert "already up to date" in out
+
+
+def test_ca_rotation_publishes_both_cas_before_the_new_certificate(cluster: Any) -> None:
+    fake, kubeconfig = cluster
+    # Issued 300 days ago with a 365-day CA: a new 365-day certificate would outlive it.
+    old = issued_at(datetime.now(UTC) - timedelta(days=300), Validity(days=365, ca_days=365 + 1))
+    fake.put(
+        "secrets",
+        "locust-webhook",
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "locust-webhook-tls", "annotations": {"kept": "yes"}},
+            "type": "kubernetes.io/tls",
+            "data": secret_data(old),
+        },
+    )
+
+    assert in_cluster(kubeconfig) == 0
+
+    secret = fake.get(*SECRET)
+    assert secret is not None and secret["metadata"]["annotations"] == {"kept": "yes"}
+    new = material_from_secret(secret)
+    assert new is not None
+    new_ca, old_ca = x509.load_pem_x509_certificates(new.ca_bundle)
+    assert old_ca == x509.load_pem_x509_certificate(old.ca_bundle)
+    x509.load_pem_x509_certificate(new.tls_crt).verify_directly_issued_by(new_ca)
+    assert ca_bundles(fake) == [new.ca_bundle, new.ca_bundle]
+    writes = [(r.method, r.path.rsplit("/", 2)[-2]) for r in fake.writes]
+    assert writes == [("PATCH", "mutatingwebhookconfigurations"), ("PUT", "secrets")]
+
+
+def test_ca_bundle_is_patched_only_where_it_differs(cluster: Any) -> None:
+    fake, kubeconfig = cluster
+    assert in_cluster(kubeconfig) == 0
+    config = fake.get(*CONFIG)
+    assert config is not None
+    config["webhooks"][1]["clientConfig"]["caBundle"] = base64.b64encode(b"stale").decode()
+    fake.put("mutatingwebhookconfigurations", "", config)
+    fake.requests.clear()
+
+    assert in_cluster(kubeconfig) == 0
+
+    (patch,) = fake.writes
+    assert [op["path"] for op in patch.body if op["op"] == "add"] == [
+        "/webhooks/1/clientConfig/caBundle"
+    ]
+    assert ca_bundles(fake)[0] == ca_bundles(fake)[1]
+
+
+def test_a_concurrent_writer_makes_the_run_start_over(cluster: Any) -> None:
+    fake, kubeconfig = cluster
+    old = issued_at(datetime.now(UTC) - timedelta(days=400), Validity(days=365, ca_days=3650))
+    fake.put(
+        "secrets", "locust-webhook", {"metadata": {"name": SECRET[2]}, "data": secret_data(old)}
+    )
+
+    def another_writer_first(request: Request) -> None:
+        if request.method == "PUT" and fake.before_write is not None:
+            fake.before_write = None
+            stored = fake.objects[SECRET]
+            fake.store("secrets", "locust-webhook", {**stored, "data": secret_data(old)})
+
+    fake.before_write = another_writer_first
+
+    assert in_cluster(kubeconfig) == 0
+
+    assert [r.method for r in fake.writes if "secrets" in r.path] == ["PUT", "PUT"]
+    secret = fake.get(*SECRET)
+    assert secret is not None
+    material = material_from_secret(secret)
+    assert material is not None and material.tls_crt != old.tls_crt
+
+
+def test_a_missing_webhook_configuration_fails_without_writing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with serve(tmp_path) as (fake, kubeconfig):
+        assert in_cluster(kubeconfig) == 1
+        assert fake.writes == []
+    assert "404" in capsys.readouterr().err
