@@ -15,11 +15,24 @@ import orjson
 import urllib3
 from kubernetes import client, config, watch
 
-from . import metrics
 from .lookup import SourceUnavailable
 from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
 
 log = logging.getLogger(__name__)
+
+
+class _LazyMetrics:
+    """`webhook.metrics`, imported on first use. `serve` builds a ClusterSource in the gunicorn
+    master to check the configuration before it sets PROMETHEUS_MULTIPROC_DIR, and
+    prometheus_client picks its storage at import: importing it here made /metrics empty."""
+
+    def __getattr__(self, name: str) -> Any:
+        from . import metrics as module
+
+        return getattr(module, name)
+
+
+metrics = _LazyMetrics()
 
 GROUP = "locust.io"
 PLURAL = "locusttests"

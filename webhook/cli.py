@@ -38,10 +38,13 @@ def metrics_dir() -> Iterator[None]:
         return
     path = tempfile.mkdtemp(prefix="locust-webhook-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    owner = os.getpid()
     try:
         yield
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        # Forked workers leave through this frame too: only the process that made it removes it.
+        if os.getpid() == owner:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def run_serve(args: argparse.Namespace) -> int:

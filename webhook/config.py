@@ -166,7 +166,12 @@ SERVE_OPTIONS = (
     Option("--host", "0.0.0.0", _text, "address to bind"),
     Option("--port", "8443", _positive_int(1, 65535), "HTTPS port"),
     Option("--workers", "2", _positive_int(1, 64), "gunicorn worker processes"),
-    Option("--threads", "8", _positive_int(1, 256), "threads per worker (gthread)"),
+    Option(
+        "--threads",
+        "16",
+        _positive_int(1, 256),
+        "threads per worker (gthread); idle keep-alive connections use none",
+    ),
     Option(
         "--keepalive",
         "120",
@@ -247,7 +252,7 @@ class ServeSettings:
     host: str = "0.0.0.0"
     port: int = 8443
     workers: int = 2
-    threads: int = 8
+    threads: int = 16
     keepalive: int = 120
     graceful_timeout: int = 20
     max_body_bytes: int = 4 * 1024 * 1024

@@ -25,6 +25,79 @@ class CertificateError(ValueError):
     """The certificate and key files cannot serve."""
 
 
+# Seconds a request may take to arrive, handshake, head and body together, once a thread takes
+# it up. The API server sends a whole review at once and gives up after timeoutSeconds (5 s).
+REQUEST_READ_BUDGET = 5.0
+
+
+class RequestTimedOut(ssl.SSLEOFError, TimeoutError):
+    """The client did not send its request within REQUEST_READ_BUDGET.
+
+    A TimeoutError for the app (408) and gunicorn's body drain; an SSL EOF for gunicorn's worker,
+    which then closes the connection quietly instead of logging a traceback.
+    """
+
+    def __init__(self, what: str) -> None:
+        super().__init__(ssl.SSL_ERROR_EOF, f"{what} not received within {REQUEST_READ_BUDGET:g} s")
+
+
+class DeadlineSSLSocket(ssl.SSLSocket):
+    """A TLS connection whose blocking reads end at a per-request deadline.
+
+    gunicorn's gthread worker reads each request from a blocking socket without a timeout: a
+    client that stalls or trickles mid-request would hold a worker thread forever, and a few
+    such clients would block every other caller. gunicorn makes the socket blocking before each
+    request (`setblocking(True)`): that starts the request's read budget.
+    """
+
+    _deadline = 0.0
+
+    def _start_budget(self) -> None:
+        self._deadline = time.monotonic() + REQUEST_READ_BUDGET
+        self.settimeout(REQUEST_READ_BUDGET)
+
+    def setblocking(self, flag: bool) -> None:
+        if flag:
+            self._start_budget()
+        else:
+            super().setblocking(False)
+
+    def _timed_out(self, what: str) -> RequestTimedOut:
+        exc = RequestTimedOut(what)
+        log.info("closing a connection: %s", exc.args[1], extra={"peer": self._peer()})
+        return exc
+
+    def _peer(self) -> str:
+        try:
+            return str(self.getpeername()[0])
+        except OSError:
+            return ""
+
+    def do_handshake(self, block: bool = False) -> None:
+        if self.gettimeout() is None:
+            self._start_budget()
+        try:
+            super().do_handshake(block)
+        except TimeoutError:
+            raise self._timed_out("TLS handshake") from None
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        timeout = self.gettimeout()
+        if timeout == 0:  # non-blocking sockets (the keep-alive poller's) are left alone
+            return super().recv(buflen, flags)
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise self._timed_out("request")
+        if timeout is None or timeout > remaining:
+            self.settimeout(remaining)
+        try:
+            return super().recv(buflen, flags)
+        except TimeoutError:
+            if time.monotonic() < self._deadline:
+                raise  # a shorter timeout of the caller's own (gunicorn's body drain)
+            raise self._timed_out("request") from None
+
+
 @dataclass(frozen=True)
 class LoadedPair:
     context: ssl.SSLContext
@@ -59,6 +132,8 @@ def load_pair(cert_file: str, key_file: str) -> LoadedPair:
         raise CertificateError(f"{key_file} is not the key of {cert_file}")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Bounded reads for every connection this context wraps (see DeadlineSSLSocket).
+    context.sslsocket_class = DeadlineSSLSocket
     try:
         context.load_cert_chain(cert_file, key_file)
         # The files may have been swapped between our read and OpenSSL's: only accept a load

@@ -60,7 +60,8 @@ def _job_note(pod: Pod, test: LocustTestInfo, role: Role) -> list[str]:
         return []
     expected = f"{test.name.replace('.', '-')}-{role}"
     if job != expected:
-        return [f"owning Job {job!r} is not {expected!r}, the name the operator gives it"]
+        shown = job if len(job) <= 80 else job[:80] + "..."
+        return [f"owning Job {shown!r} is not {expected!r}, the name the operator gives it"]
     return []
 
 
