@@ -46,5 +46,8 @@ typecheck: install-dev
 
 check: lint typecheck
 
+soak: install-dev
+	$(BIN)/python bench/soak.py --minutes $(or $(MINUTES),10)
+
 clean:
 	rm -rf $(VENV) $(CERTS)/*.crt $(CERTS)/*.key .pytest_cache .mypy_cache .ruff_cache
