@@ -514,3 +514,12 @@ def test_job_name_mismatch_is_noted() -> None:
     pod["metadata"]["ownerReferences"][0]["name"] = "something-else"
     m = run_mutation(pod, locusttest("team.a"))
     assert "team-a-master" in m.result.notes[0]
+
+
+def test_service_version_in_resource_attributes_is_warned_about() -> None:
+    attributes = {"OTEL_RESOURCE_ATTRIBUTES": "service.name=svc,service.version=1.0.0"}
+    m = run_mutation(
+        operator_pod("demo", "worker"), locusttest("demo", otel=otel(extraEnvVars=attributes))
+    )
+    assert len(m.result.warnings) == 1
+    assert "service.version" in m.result.warnings[0]

@@ -132,11 +132,28 @@ def _effective(container: Container, extra: dict[str, str], name: str, default: 
 
 
 def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
-    """Settings the real Python OTLP exporters cannot work with (SPEC section 4 table)."""
+    """Settings the real Python OTLP exporters cannot work with (SPEC section 4 table), and
+    resource attributes Locust replaces with its own."""
+    assert test.otel is not None
+    extra = dict(test.otel.extra_env)
+    where = f"LocustTest {test.namespace}/{test.name}"
+    attributes = _effective(container, extra, RESOURCE_ATTRIBUTES, "") or ""
+    replaced = (
+        [
+            f"{where}: Locust sets service.version to its own version, replacing the "
+            "service.version in OTEL_RESOURCE_ATTRIBUTES; use another key (e.g. test.version)"
+        ]
+        if "service.version" in parse_attributes(attributes)
+        else []
+    )
+    return replaced + _endpoint_warnings(test, container, extra, where)
+
+
+def _endpoint_warnings(
+    test: LocustTestInfo, container: Container, extra: dict[str, str], where: str
+) -> list[str]:
     assert test.otel is not None
     spec = test.otel
-    extra = dict(spec.extra_env)
-    where = f"LocustTest {test.namespace}/{test.name}"
     endpoint = _effective(container, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint)
     protocol = _effective(container, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol)
     insecure = _effective(
