@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 CERTS := certs
 PORT ?= 8443
 
-.PHONY: install install-dev run certs test check lint typecheck bench soak clean
+.PHONY: install install-dev run certs test check lint typecheck wrk bench bench-quick soak clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(BIN)/locust-webhook: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,13 +39,23 @@ test: check
 	$(BIN)/pytest
 
 lint: install-dev
-	$(BIN)/ruff check webhook tests
-	$(BIN)/ruff format --check webhook tests
+	$(BIN)/ruff check webhook tests bench
+	$(BIN)/ruff format --check webhook tests bench
 
 typecheck: install-dev
 	$(BIN)/mypy webhook
 
 check: lint typecheck
+
+# The load generator for the benchmark, from Debian.
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
+
+bench: install-dev wrk
+	$(BIN)/python bench/run.py
+
+bench-quick: install-dev wrk
+	$(BIN)/python bench/run.py --quick --no-write
 
 soak: install-dev
 	$(BIN)/python bench/soak.py --minutes $(or $(MINUTES),10)

@@ -1,0 +1,1179 @@
+"""The webhook against its framework floor, and how its cost scales (issue 6).
+
+    .venv/bin/python bench/run.py            # ~7 minutes; rewrites bench/RESULTS.md
+    .venv/bin/python bench/run.py --quick    # ~2 minutes, fewer rounds and shorter runs
+
+1. Load: the real `locust-webhook serve` (production settings: default workers, threads,
+   keep-alive; --locusttests with OTel-enabled and plain LocustTests; certificates from
+   `locust-webhook certs`) and the floor (bench/floor.py: the same WebhookServer with a trivial
+   handler), both running, loaded in turn by wrk over HTTPS keep-alive with operator-shaped
+   AdmissionReviews (bench/admission.lua). Closed loop at 1, 8, 32 connections, and paced at
+   250, 500, 1000 requests/s over 8 connections. Rounds alternate which server goes first;
+   the tables give medians over rounds, and webhook/floor ratios taken pair by pair.
+2. Scale: pod size (in process, and over HTTPS for the ~200 KB pod), number of LocustTests
+   (worker memory of a server started with that many; lookup time in process), concurrency
+   (the closed-loop table).
+3. Where the time goes: the handler's steps timed in process, and CPU per request of the two
+   servers (from /proc) during the closed-loop runs.
+
+Needs `wrk` (Debian package `wrk`). Prints the tables and rewrites bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tracemalloc
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BIN = Path(sys.executable).parent
+LUA = BENCH / "admission.lua"
+RESULTS = BENCH / "RESULTS.md"
+sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(ROOT))
+
+# Metrics as under `serve` (multiprocess files): set before webhook.metrics is imported.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="bench-metrics-"))
+
+import orjson  # noqa: E402
+import reviews  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------------------------
+# servers
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def make_certs(directory: Path) -> Path:
+    subprocess.run(
+        [
+            str(BIN / "locust-webhook"),
+            "certs",
+            "--out-dir",
+            str(directory),
+            "--service",
+            "localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return directory
+
+
+def _stat(pid: int) -> list[str]:
+    raw = Path(f"/proc/{pid}/stat").read_text()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(_stat(int(entry))[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return sorted(found)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = _stat(pid)
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and RssAnon from status, Pss from smaps_rollup (kB)."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon"):
+            out[key] = int(value.split()[0])
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                out["Pss"] = int(line.split()[1])
+    return out
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    log_file: Path
+    ca_file: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    ready_after: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        context.check_hostname = False
+        return context
+
+    def start(self, timeout: float = 120.0) -> Server:
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.started = time.monotonic()
+        deadline = self.started + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited; see {self.log_file}")
+            try:
+                with urllib.request.urlopen(
+                    f"{self.url}/readyz", context=self.context(), timeout=2
+                ) as answer:
+                    if answer.status == 200:
+                        self.ready_after = time.monotonic() - self.started
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready within {timeout} s; see {self.log_file}")
+
+    def workers(self) -> list[int]:
+        assert self.process is not None
+        return children(self.process.pid)
+
+    def pids(self) -> list[int]:
+        assert self.process is not None
+        return [self.process.pid, *self.workers()]
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def webhook_server(tmp: Path, certs: Path, locusttests: Path, name: str = "webhook") -> Server:
+    port = free_port()
+    command = [
+        str(BIN / "locust-webhook"),
+        "serve",
+        "--cert-file",
+        str(certs / "tls.crt"),
+        "--key-file",
+        str(certs / "tls.key"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--locusttests",
+        str(locusttests),
+    ]
+    return Server(name, command, tmp / f"{name}.log", certs / "ca.crt", port)
+
+
+def floor_server(tmp: Path, certs: Path) -> Server:
+    port = free_port()
+    command = [
+        sys.executable,
+        str(BENCH / "floor.py"),
+        "--cert-file",
+        str(certs / "tls.crt"),
+        "--key-file",
+        str(certs / "tls.key"),
+        "--port",
+        str(port),
+    ]
+    return Server("floor", command, tmp / "floor.log", certs / "ca.crt", port)
+
+
+# --------------------------------------------------------------------------------------------
+# load
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    connections: int
+    threads: int
+    rate: int = 0  # 0: closed loop
+
+    @property
+    def label(self) -> str:
+        if self.rate:
+            return f"{self.rate} req/s paced, {self.connections} conns"
+        return f"closed loop, {self.connections} conn{'s' if self.connections > 1 else ''}"
+
+
+SCENARIOS = (
+    Scenario("c1", 1, 1),
+    Scenario("c8", 8, 2),
+    Scenario("c32", 32, 2),
+    Scenario("r250", 8, 8, 250),
+    Scenario("r500", 8, 8, 500),
+    Scenario("r1000", 8, 8, 1000),
+)
+
+
+def run_wrk(server: Server, bodies: Path, scenario: Scenario, seconds: float) -> dict[str, Any]:
+    """One wrk run; the script's numbers plus the server's CPU per request."""
+    env = {
+        **os.environ,
+        "BENCH_BODIES": str(bodies),
+        "BENCH_RATE": str(scenario.rate),
+        "BENCH_THREADS": str(scenario.threads),
+    }
+    command = [
+        "wrk",
+        "-t",
+        str(scenario.threads),
+        "-c",
+        str(scenario.connections),
+        "-d",
+        f"{seconds:g}s",
+        "--timeout",
+        "5s",
+        "-s",
+        str(LUA),
+        f"{server.url}/mutate",
+    ]
+    pids = server.pids()
+    cpu_before = cpu_seconds(pids)
+    gen_before = os.times()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    gen_after = os.times()
+    cpu_after = cpu_seconds(pids)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("BENCH_JSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}\n{done.stderr}")
+    result: dict[str, Any] = json.loads(line[len("BENCH_JSON ") :])
+    result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    result["errors"] = sum(
+        int(result[k])
+        for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout")
+    ) + int(result.get("bad_answers", 0))
+    requests = max(int(result["requests"]), 1)
+    result["cpu_us_per_req"] = (cpu_after - cpu_before) / requests * 1e6
+    gen_cpu = (gen_after.children_user + gen_after.children_system) - (
+        gen_before.children_user + gen_before.children_system
+    )
+    result["wrk_cpu_us_per_req"] = gen_cpu / requests * 1e6
+    return result
+
+
+def sanity(server: Server, mix: list[tuple[str, bytes]], expect_patch: bool) -> None:
+    """Each body once: 200, the uid sent back, allowed; a patch where the webhook mutates."""
+    import http.client
+
+    connection = http.client.HTTPSConnection("127.0.0.1", server.port, context=server.context())
+    for index, (kind, raw) in enumerate(mix):
+        uid = f"sanity-{index:04d}"
+        payload = raw.replace(reviews.PLACEHOLDER.encode(), uid.encode())
+        connection.request("POST", "/mutate", payload, {"Content-Type": "application/json"})
+        answer = connection.getresponse()
+        data = answer.read()
+        if answer.status != 200:
+            raise AssertionError(f"{server.name}: {kind}: HTTP {answer.status}: {data[:300]!r}")
+        response = orjson.loads(data)["response"]
+        if response["uid"] != uid or response["allowed"] is not True:
+            raise AssertionError(f"{server.name}: {kind}: bad answer {response}")
+        if expect_patch and response.get("patchType") != "JSONPatch":
+            raise AssertionError(f"{server.name}: {kind}: no patch in {response}")
+    connection.close()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+# --------------------------------------------------------------------------------------------
+# in process
+
+
+def quiet_logging() -> None:
+    """The server's JSON log formatting, written to /dev/null: its cost counts, not its noise."""
+    from webhook.logs import JsonFormatter
+
+    handler = logging.StreamHandler(open(os.devnull, "w"))  # noqa: SIM115
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.INFO)
+
+
+class DictSource:
+    """A LocustTestSource over a dict, for in-process timing."""
+
+    def __init__(self, tests: list[dict[str, Any]]) -> None:
+        from webhook.models import parse_locusttest
+
+        infos = [parse_locusttest(t) for t in tests]
+        self._tests = {(i.namespace, i.name): i for i in infos}
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def ready(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return len(self._tests)
+
+    def get(self, namespace: str, name: str) -> Any:
+        return self._tests.get((namespace, name))
+
+
+def with_uid(raw: bytes, uid: str) -> bytes:
+    return raw.replace(reviews.PLACEHOLDER.encode(), uid.encode())
+
+
+def time_calls(call: Callable[[int], Any], iterations: int, warmup: int = 50) -> list[float]:
+    """Microseconds per call, one sample per call."""
+    for i in range(warmup):
+        call(i)
+    samples = []
+    clock = time.perf_counter_ns
+    gc.collect()
+    for i in range(iterations):
+        started = clock()
+        call(i)
+        samples.append((clock() - started) / 1000)
+    return samples
+
+
+def batched_ns(
+    get: Callable[..., Any], keys: list[tuple[str, str]], batch: int = 1000
+) -> list[float]:
+    """Nanoseconds per call, one sample per batch of `batch` calls (no timer overhead)."""
+    clock = time.perf_counter_ns
+    samples = []
+    for start in range(0, len(keys) - batch + 1, batch):
+        chunk = keys[start : start + batch]
+        began = clock()
+        for namespace, name in chunk:
+            get(namespace, name)
+        samples.append((clock() - began) / batch)
+    return samples
+
+
+def pct(samples: list[float], p: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(len(ordered) * p / 100) - 1))]
+
+
+def handler_for(tests: list[dict[str, Any]]) -> Any:
+    from webhook.config import MutationSettings
+    from webhook.handler import Handler
+
+    return Handler(DictSource(tests), MutationSettings())
+
+
+def pod_size_curve(iterations: int) -> list[dict[str, Any]]:
+    handler = handler_for(reviews.load_locusttests())
+    rows = []
+    for containers in (1, 10, 50):
+        for managed in (False, True):
+            raw = reviews.body(reviews.scale_pod(containers, managed))
+            answer = orjson.loads(handler.handle(with_uid(raw, "check")))["response"]
+            assert answer.get("patchType") == "JSONPatch", answer
+            n = iterations if len(raw) < 50_000 else max(iterations // 5, 200)
+            handle = time_calls(lambda i, raw=raw: handler.handle(with_uid(raw, f"u{i}")), n)
+            parse = time_calls(lambda i, raw=raw: orjson.loads(raw), n)
+            rows.append(
+                {
+                    "containers": containers,
+                    "managed": managed,
+                    "bytes": len(raw),
+                    "p50": pct(handle, 50),
+                    "p99": pct(handle, 99),
+                    "parse_p50": pct(parse, 50),
+                    "n": n,
+                }
+            )
+    return rows
+
+
+def breakdown(iterations: int) -> list[dict[str, Any]]:
+    """The handler's steps, each timed alone, on the load mix and on the ~200 KB pod."""
+    from webhook import metrics
+    from webhook.handler import log as admission_log
+    from webhook.mutation import mutate
+    from webhook.patch import diff
+    from webhook.review import envelope, parse_review, patched
+
+    tests = reviews.load_locusttests()
+    handler = handler_for(tests)
+    sets = {
+        "load mix (~3.5 KB)": [b for _, b in reviews.load_mix()],
+        "50 containers + managedFields (~200 KB)": [reviews.body(reviews.scale_pod(50, True))],
+    }
+    rows: list[dict[str, Any]] = []
+
+    def one_set(label: str, bodies: list[bytes]) -> None:
+        n = iterations if len(bodies) > 1 else max(iterations // 5, 200)
+        bodies = [with_uid(b, "00000000-0000-4000-8000-000000000000") for b in bodies]
+        reviews_ = [parse_review(b) for b in bodies]
+        tests_ = [
+            handler.source.get(r.namespace, r.object["metadata"]["labels"]["performance-test-name"])
+            for r in reviews_
+        ]
+        results = [
+            mutate(r.object, t, r.namespace, handler.settings)
+            for r, t in zip(reviews_, tests_, strict=True)
+        ]
+        patches = [diff(r.object, m.pod) for r, m in zip(reviews_, results, strict=True)]
+        k = len(bodies)
+
+        def step(name: str, call: Callable[[int], Any]) -> None:
+            samples = time_calls(call, n)
+            rows.append(
+                {
+                    "set": label,
+                    "step": name,
+                    "p50": pct(samples, 50),
+                    "mean": statistics.fmean(samples),
+                }
+            )
+
+        step("orjson.loads(body)", lambda i: orjson.loads(bodies[i % k]))
+        step("parse_review", lambda i: parse_review(bodies[i % k]))
+        step("_decide: lookup + mutate + diff + answer", lambda i: handler._decide(reviews_[i % k]))
+        step(
+            "  mutate()",
+            lambda i: mutate(
+                reviews_[i % k].object, tests_[i % k], reviews_[i % k].namespace, handler.settings
+            ),
+        )
+        step("  diff()", lambda i: diff(reviews_[i % k].object, results[i % k].pod))
+        step(
+            "  patched() (orjson + base64)",
+            lambda i: patched("uid", patches[i % k], results[i % k].warnings),
+        )
+        step("envelope()", lambda i: envelope("admission.k8s.io/v1", {"uid": "u", "allowed": True}))
+        step(
+            "metrics (counter + histogram)",
+            lambda i: (
+                metrics.ADMISSIONS.labels("patched", "otel").inc(),
+                metrics.LATENCY.observe(0.0002),
+            ),
+        )
+        step(
+            "admission log line (JSON, /dev/null)",
+            lambda i: admission_log.info(
+                "admission",
+                extra={
+                    "uid": "u",
+                    "namespace": "ns",
+                    "pod": "p-",
+                    "locusttest": "t",
+                    "role": "master",
+                    "outcome": "patched",
+                    "reason": "otel",
+                    "dry_run": False,
+                    "ms": 0.123,
+                },
+            ),
+        )
+        step("Handler.handle (all of it)", lambda i: handler.handle(bodies[i % k]))
+        p99 = pct(time_calls(lambda i: handler.handle(bodies[i % k]), n), 99)
+        rows.append(
+            {
+                "set": label,
+                "step": "Handler.handle p99 (gc default)",
+                "p50": p99,
+                "mean": float("nan"),
+            }
+        )
+        gc.collect()
+        gc.freeze()
+        threshold = gc.get_threshold()
+        gc.set_threshold(50_000, 20, 100)
+        try:
+            samples = time_calls(lambda i: handler.handle(bodies[i % k]), n)
+        finally:
+            gc.set_threshold(*threshold)
+            gc.unfreeze()
+        rows.append(
+            {
+                "set": label,
+                "step": "Handler.handle p50 with gc.freeze() + gen0 threshold 50,000",
+                "p50": pct(samples, 50),
+                "mean": statistics.fmean(samples),
+            }
+        )
+        rows.append(
+            {
+                "set": label,
+                "step": "Handler.handle p99 with gc.freeze() + gen0 threshold 50,000",
+                "p50": pct(samples, 99),
+                "mean": float("nan"),
+            }
+        )
+
+    for label, bodies in sets.items():
+        one_set(label, bodies)
+    return rows
+
+
+def profile_top(iterations: int, limit: int = 18) -> str:
+    """cProfile of Handler.handle over the load mix: the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    handler = handler_for(reviews.load_locusttests())
+    bodies = [with_uid(b, f"p-{i}") for i, (_, b) in enumerate(reviews.load_mix())]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for i in range(iterations):
+        handler.handle(bodies[i % len(bodies)])
+    profiler.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(limit)
+    text = out.getvalue()
+    start = text.find("   ncalls")
+    return text[start:].rstrip() if start >= 0 else text
+
+
+PROFILE_RULES: tuple[tuple[str, Callable[[str], bool]], ...] = (
+    (
+        "handler: admission log line",
+        lambda s: "Handler.handle" in s and ("logging/" in s or "JsonFormatter" in s),
+    ),
+    ("handler: metrics", lambda s: "Handler.handle" in s and "prometheus_client" in s),
+    ("handler: parse_review (orjson.loads)", lambda s: "parse_review" in s),
+    ("handler: mutate()", lambda s: "mutation/" in s),
+    ("handler: diff()", lambda s: "webhook/patch.py" in s),
+    ("handler: rest (envelope, base64, outcome)", lambda s: "Handler.handle" in s),
+    ("view: read body", lambda s: "_read_body" in s or "get_data" in s),
+    ("view: rest (floor: its orjson.loads; mimetype, Response)", lambda s: ".<locals>.mutate" in s),
+    ("Flask/werkzeug request and response", lambda s: "Flask.__call__" in s),
+    ("gunicorn: access log atoms (then dropped)", lambda s: "glogging.py" in s),
+    ("gunicorn: write response (TLS)", lambda s: "sendall" in s or "ssl.py:12" in s),
+    ("gunicorn: parse request", lambda s: "gunicorn/http/" in s),
+    ("gunicorn: rest (poller, keep-alive, TLS read)", lambda s: "gunicorn" in s),
+    ("other", lambda s: True),
+)
+
+
+def pyspy_profile(server: Server, bodies: Path, seconds: int = 10) -> dict[str, float] | None:
+    """Share of GIL-holding samples per category in the workers under closed-loop load (8
+    connections); None when py-spy is not installed (pip install py-spy)."""
+    pyspy = BIN / "py-spy"
+    if not pyspy.exists():
+        return None
+    outputs = []
+    spies = []
+    for pid in server.workers():
+        out = bodies.parent / f"pyspy-{server.name}-{pid}.txt"
+        outputs.append(out)
+        spies.append(
+            subprocess.Popen(
+                [
+                    str(pyspy),
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-d",
+                    str(seconds),
+                    "-r",
+                    "200",
+                    "--gil",
+                    "--nonblocking",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(out),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    time.sleep(0.5)
+    run_wrk(server, bodies, Scenario("c8", 8, 2), seconds - 1)
+    for spy in spies:
+        spy.wait(timeout=60)
+    totals: dict[str, float] = dict.fromkeys((name for name, _ in PROFILE_RULES), 0.0)
+    for out in outputs:
+        if not out.exists():
+            continue
+        for line in out.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            for name, rule in PROFILE_RULES:
+                if rule(stack):
+                    totals[name] += int(count)
+                    break
+    total = sum(totals.values()) or 1.0
+    return {name: value / total for name, value in totals.items()}
+
+
+def cache_curve(
+    tmp: Path, certs: Path, counts: tuple[int, ...], load_seconds: float
+) -> list[dict[str, Any]]:
+    """Per count: worker memory of a `serve --locusttests` with that many LocustTests, and
+    in-process load and lookup time of the directory source."""
+    from webhook.lookup import DirectorySource
+    from webhook.models import parse_locusttest
+
+    mix = []
+    for i in range(10):
+        for role in ("master", "worker"):
+            pod = reviews.with_managed_fields(reviews.operator_pod(f"scale-{i}", role))
+            mix.append(reviews.body(pod, namespace=f"team-{i % 20}"))
+    bodies = tmp / "cache-bodies.txt"
+    reviews.write_bodies(bodies, mix)
+    rows = []
+    for count in counts:
+        directory = tmp / f"locusttests-{count}"
+        tests = reviews.filler_locusttests(count)
+        reviews.write_locusttests(directory, tests)
+        started = time.perf_counter()
+        source = DirectorySource(directory)
+        load_s = time.perf_counter() - started
+        keys = [(t["metadata"]["namespace"], t["metadata"]["name"]) for t in tests] or [
+            ("team-0", "scale-0")
+        ]
+        rng = random.Random(count)
+        probe = [rng.choice(keys) for _ in range(20000)]
+        missing = [(ns, name + "-missing") for ns, name in probe]
+        hit = batched_ns(source.get, probe)
+        miss = batched_ns(source.get, missing)
+        cached = handler_for(tests)
+        handle = time_calls(
+            lambda i, h=cached: h.handle(with_uid(mix[i % len(mix)], f"c{i}")), 3000
+        )
+        del cached
+        # Memory of the parsed objects alone (what any source keeps per LocustTest).
+        gc.collect()
+        tracemalloc.start()
+        kept = {(t.namespace, t.name): t for t in (parse_locusttest(x) for x in tests)}
+        heap = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del kept
+        server = webhook_server(tmp, certs, directory, name=f"webhook-{count}")
+        try:
+            server.start(timeout=300)
+            # Both workers load the directory at boot; give the slower one time, then load both.
+            time.sleep(max(1.0, load_s * 1.5))
+            run_wrk(server, bodies, Scenario("c8", 8, 2), load_seconds)
+            worker_mem = [memory_kb(pid) for pid in server.workers()]
+            master_mem = memory_kb(server.pids()[0])
+        finally:
+            server.stop()
+        rows.append(
+            {
+                "count": count,
+                "files": len(list(directory.glob("*.yaml"))),
+                "ready_s": server.ready_after,
+                "load_s": load_s,
+                "rss_mb": [m["VmRSS"] / 1024 for m in worker_mem],
+                "anon_mb": [m["RssAnon"] / 1024 for m in worker_mem],
+                "pss_mb": [m.get("Pss", 0) / 1024 for m in worker_mem],
+                "master_rss_mb": master_mem["VmRSS"] / 1024,
+                "heap_kb": heap / 1024,
+                "get_hit_ns": pct(hit, 50),
+                "get_hit_max_ns": max(hit),
+                "get_miss_ns": pct(miss, 50),
+                "handle_p50": pct(handle, 50),
+                "handle_p99": pct(handle, 99),
+            }
+        )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+@dataclass
+class Report:
+    lines: list[str] = field(default_factory=list)
+
+    def add(self, text: str = "") -> None:
+        print(text, flush=True)
+        self.lines.append(text)
+
+    def table(self, header: list[str], rows: list[list[str]]) -> None:
+        self.add("| " + " | ".join(header) + " |")
+        self.add("|" + "|".join("---" for _ in header) + "|")
+        for row in rows:
+            self.add("| " + " | ".join(row) + " |")
+        self.add()
+
+
+def ms(us: float) -> str:
+    return f"{us / 1000:.2f}"
+
+
+def machine() -> dict[str, str]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    wrk = subprocess.run(["wrk", "--version"], capture_output=True, text=True, check=False)
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "nproc": str(os.cpu_count()),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "wrk": (wrk.stdout or wrk.stderr).splitlines()[0] if (wrk.stdout or wrk.stderr) else "?",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="webhook vs floor benchmark and scale curves")
+    parser.add_argument("--quick", action="store_true", help="one round, short runs (~2 min)")
+    parser.add_argument("--rounds", type=int, default=None, help="load rounds (default 3, quick 1)")
+    parser.add_argument("--skip-scale", action="store_true", help="only the load comparison")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile: py-spy (if installed in the venv) on both servers under load, "
+        "and cProfile of Handler.handle in process",
+    )
+    parser.add_argument("--no-write", action="store_true", help="do not rewrite bench/RESULTS.md")
+    args = parser.parse_args()
+    quick = args.quick
+    rounds = args.rounds or (1 if quick else 3)
+    closed_s, paced_s = (3, 4) if quick else (6, 8)
+    iterations = 1000 if quick else 4000
+    counts = (0, 10, 1000, 10000)
+
+    if subprocess.run(["which", "wrk"], capture_output=True, check=False).returncode != 0:
+        print("wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    quiet_logging()
+    info = machine()
+    began = time.monotonic()
+    report = Report()
+    flags = " ".join(sys.argv[1:])
+    command = f".venv/bin/python bench/run.py{' ' + flags if flags else ''}"
+    report.add("# Benchmark results")
+    report.add()
+    report.add(
+        f"`{command}` (`make bench` runs it), "
+        f"{info['date']}; {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
+        f"Linux {info['kernel']}, {info['wrk']}. The load generator shares the CPUs with the "
+        f"servers. Load average at start: {info['load']}. Latencies in ms."
+    )
+    report.add()
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        certs = make_certs(tmp / "certs")
+        locusttests = tmp / "locusttests"
+        reviews.write_locusttests(locusttests, reviews.load_locusttests())
+        mix = reviews.load_mix()
+        mix_file = tmp / "mix.txt"
+        reviews.write_bodies(mix_file, [b for _, b in mix])
+        big = reviews.body(reviews.scale_pod(50, True))
+        big_file = tmp / "big.txt"
+        reviews.write_bodies(big_file, [big])
+
+        webhook = webhook_server(tmp, certs, locusttests)
+        floor = floor_server(tmp, certs)
+        results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        ratios: dict[str, dict[str, list[float]]] = {}
+        big_results: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        profiles: dict[str, dict[str, float] | None] = {}
+        try:
+            webhook.start()
+            floor.start()
+            sanity(webhook, mix, expect_patch=True)
+            sanity(floor, mix, expect_patch=False)
+            for server in (webhook, floor):  # warm up: imports, first connections
+                run_wrk(server, mix_file, Scenario("c8", 8, 2), 2)
+            print(
+                f"servers up; load: {rounds} round(s) of {len(SCENARIOS)} scenarios x 2 servers",
+                flush=True,
+            )
+            for round_ in range(rounds):
+                for scenario in SCENARIOS:
+                    order = (
+                        (webhook, floor)
+                        if (round_ + SCENARIOS.index(scenario)) % 2 == 0
+                        else (floor, webhook)
+                    )
+                    pair = {}
+                    for server in order:
+                        seconds = paced_s if scenario.rate else closed_s
+                        result = run_wrk(server, mix_file, scenario, seconds)
+                        pair[server.name] = result
+                        results.setdefault((server.name, scenario.name), []).append(result)
+                        print(
+                            f"  round {round_ + 1} {scenario.name:6} {server.name:8} "
+                            f"{result['rps']:8.0f} req/s  p50 {ms(result['p50_us'])}  "
+                            f"p99 {ms(result['p99_us'])}  errors {result['errors']}",
+                            flush=True,
+                        )
+                    w, f = pair["webhook"], pair["floor"]
+                    entry = ratios.setdefault(scenario.name, {})
+                    entry.setdefault("rps", []).append(w["rps"] / f["rps"])
+                    entry.setdefault("p50", []).append(w["p50_us"] / f["p50_us"])
+                    entry.setdefault("p99", []).append(w["p99_us"] / f["p99_us"])
+                    if scenario.rate:
+                        entry.setdefault("co_p99", []).append(w["co_p99_us"] / f["co_p99_us"])
+            big_scenarios = (Scenario("c1", 1, 1), Scenario("c8", 8, 2))
+            for round_ in range(1 if quick else 2):
+                for scenario in big_scenarios:
+                    for server in (webhook, floor) if round_ % 2 == 0 else (floor, webhook):
+                        result = run_wrk(server, big_file, scenario, closed_s)
+                        big_results.setdefault((server.name, scenario.name), []).append(result)
+            if args.profile:
+                print("profiling the workers with py-spy", flush=True)
+                profiles = {
+                    server.name: pyspy_profile(server, mix_file) for server in (webhook, floor)
+                }
+        finally:
+            webhook.stop()
+            floor.stop()
+
+        def med(server: str, scenario: str, key: str, source: dict = results) -> float:
+            return median([float(r[key]) for r in source[(server, scenario)]])
+
+        report.add(
+            f"## Webhook vs floor, load mix ({len(mix)} bodies: OTel master, OTel worker, "
+            "exporter master; with managedFields; ~3.5 KB)"
+        )
+        report.add()
+        report.add(
+            f"Medians of {rounds} round(s); runs of {closed_s} s (closed loop) and {paced_s} s "
+            "(paced); the two servers alternate. Ratios are webhook/floor taken pair by pair in "
+            "the same round, then the median. Paced: wrk's latency is from the actual send; "
+            '"from schedule" is from the intended send time (coordinated omission corrected, '
+            "1 ms timer granularity). CPU/req: server processes' CPU (all workers) per request."
+        )
+        report.add()
+        rows = []
+        for scenario in SCENARIOS:
+            for name in ("webhook", "floor"):
+                row = [
+                    scenario.label if name == "webhook" else "",
+                    name,
+                    f"{med(name, scenario.name, 'rps'):.0f}",
+                    ms(med(name, scenario.name, "p50_us")),
+                    ms(med(name, scenario.name, "p90_us")),
+                    ms(med(name, scenario.name, "p99_us")),
+                    ms(med(name, scenario.name, "co_p99_us")) if scenario.rate else "",
+                    f"{med(name, scenario.name, 'cpu_us_per_req'):.0f}",
+                    str(sum(int(r["errors"]) for r in results[(name, scenario.name)])),
+                ]
+                rows.append(row)
+        report.table(
+            [
+                "scenario",
+                "server",
+                "req/s",
+                "p50",
+                "p90",
+                "p99",
+                "p99 from schedule",
+                "server CPU µs/req",
+                "errors",
+            ],
+            rows,
+        )
+        report.add("Ratios webhook/floor (median of per-round pairs):")
+        report.add()
+        rrows = []
+        for scenario in SCENARIOS:
+            r = ratios[scenario.name]
+            rrows.append(
+                [
+                    scenario.label,
+                    f"{median(r['rps']):.2f}",
+                    f"{median(r['p50']):.2f}",
+                    f"{median(r['p99']):.2f}",
+                    f"{median(r['co_p99']):.2f}" if scenario.rate else "",
+                    " ".join(f"{x:.2f}" for x in r["rps"])
+                    if not scenario.rate
+                    else " ".join(f"{x:.2f}" for x in r["p99"]),
+                ]
+            )
+        report.table(
+            [
+                "scenario",
+                "req/s",
+                "p50",
+                "p99",
+                "p99 from schedule",
+                "per round (req/s closed, p99 paced)",
+            ],
+            rrows,
+        )
+
+        report.add("## Scale: a ~200 KB pod over HTTPS (50 containers with managedFields)")
+        report.add()
+        brows = []
+        for scenario in big_scenarios:
+            for name in ("webhook", "floor"):
+                brows.append(
+                    [
+                        scenario.label if name == "webhook" else "",
+                        name,
+                        f"{med(name, scenario.name, 'rps', big_results):.0f}",
+                        ms(med(name, scenario.name, "p50_us", big_results)),
+                        ms(med(name, scenario.name, "p99_us", big_results)),
+                        f"{med(name, scenario.name, 'cpu_us_per_req', big_results):.0f}",
+                        str(sum(int(r["errors"]) for r in big_results[(name, scenario.name)])),
+                    ]
+                )
+        report.table(
+            ["scenario", "server", "req/s", "p50", "p99", "server CPU µs/req", "errors"], brows
+        )
+
+        size_rows = cache_rows = None
+        if not args.skip_scale:
+            print("scale: pod size (in process)", flush=True)
+            size_rows = pod_size_curve(iterations)
+            report.add("## Scale: pod size, in process (`Handler.handle(body)`, OTel master pod)")
+            report.add()
+            report.table(
+                [
+                    "containers",
+                    "managedFields",
+                    "body KB",
+                    "handle p50 µs",
+                    "handle p99 µs",
+                    "of which orjson.loads p50 µs",
+                    "iterations",
+                ],
+                [
+                    [
+                        str(r["containers"]),
+                        "yes" if r["managed"] else "no",
+                        f"{r['bytes'] / 1024:.0f}",
+                        f"{r['p50']:.0f}",
+                        f"{r['p99']:.0f}",
+                        f"{r['parse_p50']:.0f}",
+                        str(r["n"]),
+                    ]
+                    for r in size_rows
+                ],
+            )
+            print("scale: LocustTests cached (a server per count)", flush=True)
+            cache_rows = cache_curve(tmp, certs, counts, 2 if quick else 3)
+            report.add("## Scale: LocustTests cached (`serve --locusttests DIR`, 2 workers)")
+            report.add()
+            report.add(
+                "Worker memory after boot and a few seconds of load (VmRSS / RssAnon / Pss per "
+                "worker, MB); in-process: parsed objects' heap (tracemalloc), `DirectorySource` "
+                "load time, `get` time (20,000 random keys, timed in batches of 1,000), and "
+                "`Handler.handle` on master and worker pods of those LocustTests with a source "
+                "holding all of them. YAML files of 100 LocustTests each."
+            )
+            report.add()
+            report.table(
+                [
+                    "LocustTests",
+                    "worker VmRSS MB",
+                    "worker RssAnon MB",
+                    "worker Pss MB",
+                    "master RSS MB",
+                    "parsed heap KB",
+                    "dir load s",
+                    "ready s",
+                    "get hit ns (p50 / worst batch)",
+                    "get miss ns",
+                    "handle p50 / p99 µs",
+                ],
+                [
+                    [
+                        f"{r['count']:,}" if r["count"] else "0 (empty dir)",
+                        " / ".join(f"{x:.1f}" for x in r["rss_mb"]),
+                        " / ".join(f"{x:.1f}" for x in r["anon_mb"]),
+                        " / ".join(f"{x:.1f}" for x in r["pss_mb"]),
+                        f"{r['master_rss_mb']:.1f}",
+                        f"{r['heap_kb']:.0f}",
+                        f"{r['load_s']:.2f}",
+                        f"{r['ready_s']:.1f}",
+                        f"{r['get_hit_ns']:.0f} / {r['get_hit_max_ns']:.0f}",
+                        f"{r['get_miss_ns']:.0f}",
+                        f"{r['handle_p50']:.0f} / {r['handle_p99']:.0f}",
+                    ]
+                    for r in cache_rows
+                ],
+            )
+
+        print("where the time goes (in process)", flush=True)
+        steps = breakdown(iterations)
+        report.add("## Where the time goes: the handler's steps, in process")
+        report.add()
+        report.add(
+            "Each step timed alone (µs, p50 and mean), metrics in multiprocess mode and the "
+            "admission log line formatted as JSON to /dev/null, as under `serve`. The framework "
+            "and TLS cost is the floor's CPU per request above; the webhook's extra CPU per "
+            "request is the difference of the two."
+        )
+        report.add()
+        report.table(
+            ["body", "step", "p50 µs", "mean µs"],
+            [
+                [
+                    s["set"],
+                    s["step"],
+                    f"{s['p50']:.1f}",
+                    "" if s["mean"] != s["mean"] else f"{s['mean']:.1f}",
+                ]
+                for s in steps
+            ],
+        )
+
+        if args.profile:
+            report.add(
+                "## Profile: where the workers' Python time goes under load (py-spy --gil, 8 conns)"
+            )
+            report.add()
+            if profiles.get("webhook") is None:
+                report.add("py-spy is not installed (`.venv/bin/pip install py-spy`).")
+                report.add()
+            else:
+                w, f = profiles["webhook"], profiles["floor"]
+                report.table(
+                    ["category", "webhook % of samples", "floor % of samples"],
+                    [
+                        [name, f"{w[name] * 100:.1f}", f"{f[name] * 100:.1f}"]
+                        for name, _ in PROFILE_RULES
+                        if w[name] or f[name]
+                    ],
+                )
+            report.add(
+                "cProfile of `Handler.handle` over the load mix, in process (top by own time):"
+            )
+            report.add()
+            report.add("```")
+            report.add(profile_top(10000))
+            report.add("```")
+            report.add()
+
+        # Targets (issue 6).
+        report.add("## Targets (issue 6)")
+        report.add()
+        trows = []
+        for name in ("c8", "c32"):
+            value = median(ratios[name]["rps"])
+            trows.append(
+                [
+                    f"throughput >= 0.8x floor ({name})",
+                    f"{value:.2f}x",
+                    "yes" if value >= 0.8 else "NO",
+                ]
+            )
+        p99 = median(ratios["r1000"]["p99"])
+        trows.append(
+            [
+                "p99 at 1,000 req/s paced <= 1.25x floor (wrk, from send)",
+                f"{p99:.2f}x ({ms(med('webhook', 'r1000', 'p99_us'))} vs "
+                f"{ms(med('floor', 'r1000', 'p99_us'))} ms)",
+                "yes" if p99 <= 1.25 else "NO",
+            ]
+        )
+        co = median(ratios["r1000"]["co_p99"])
+        trows.append(
+            [
+                "same, from schedule",
+                f"{co:.2f}x ({ms(med('webhook', 'r1000', 'co_p99_us'))} vs "
+                f"{ms(med('floor', 'r1000', 'co_p99_us'))} ms)",
+                "yes" if co <= 1.25 else "NO",
+            ]
+        )
+        if cache_rows:
+            top = cache_rows[-1]
+            worst = max(top["rss_mb"])
+            trows.append(
+                [
+                    f"{top['count']:,} LocustTests < 50 MB RSS per worker",
+                    f"{worst:.1f} MB (empty dir: {max(cache_rows[0]['rss_mb']):.1f} MB)",
+                    "yes" if worst < 50 else "NO",
+                ]
+            )
+            gets = [r["get_hit_ns"] for r in cache_rows[1:]]
+            handles = [r["handle_p50"] for r in cache_rows[1:]]
+            flat = max(handles) <= 1.25 * min(handles) and max(gets) < 2000
+            trows.append(
+                [
+                    "lookup time flat in the number of LocustTests (10 / 1,000 / 10,000)",
+                    "get "
+                    + " / ".join(f"{g:.0f}" for g in gets)
+                    + " ns; handle p50 "
+                    + " / ".join(f"{h:.0f}" for h in handles)
+                    + " µs",
+                    "yes" if flat else "NO",
+                ]
+            )
+        if size_rows:
+            big_row = size_rows[-1]
+            trows.append(
+                [
+                    "200 KB pod < 10 ms p99 (in process)",
+                    f"{big_row['p99'] / 1000:.2f} ms",
+                    "yes" if big_row["p99"] < 10000 else "NO",
+                ]
+            )
+        https_p99 = med("webhook", "c1", "p99_us", big_results)
+        trows.append(
+            [
+                "200 KB pod < 10 ms p99 (HTTPS, 1 conn)",
+                f"{ms(https_p99)} ms",
+                "yes" if https_p99 < 10000 else "NO",
+            ]
+        )
+        report.table(["target", "measured", "holds"], trows)
+        report.add(
+            f"Total run time: {time.monotonic() - began:.0f} s; load average at the end: "
+            + " ".join(f"{x:.2f}" for x in os.getloadavg())
+            + " (the machine is shared: other processes' load widens the tails)."
+        )
+
+    if not args.no_write:
+        RESULTS.write_text(
+            "\n".join(report.lines).rstrip()
+            + "\n\n<!-- written by bench/run.py; rerun `make bench` to refresh -->\n"
+        )
+        print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
