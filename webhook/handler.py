@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
+from . import logs, metrics
 from .config import MutationSettings
 from .lookup import LocustTestSource, SourceUnavailable
 from .models import LocustTestInfo
@@ -61,9 +61,8 @@ class Handler:
         metadata = pod.get("metadata")
         if not isinstance(metadata, dict):
             metadata = {}
-        log.info(
-            "admission",
-            extra={
+        logs.admission(
+            {
                 "uid": review.uid,
                 "namespace": review.namespace,
                 "pod": metadata.get("generateName") or metadata.get("name") or "",
@@ -73,7 +72,7 @@ class Handler:
                 "reason": result.reason,
                 "dry_run": review.dry_run,
                 "ms": round(elapsed * 1000, 3),
-            },
+            }
         )
         return envelope(review.api_version, result.response)
 

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import os
 import time
 from typing import Any
 
 import orjson
+from gunicorn.glogging import Logger
 
 RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
+def _timestamp(created: float) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -17,8 +26,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "time": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -27,6 +35,24 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+
+ADMISSION = logging.getLogger("webhook.admission")
+
+
+def admission(fields: dict[str, Any]) -> None:
+    """The one line per admission, in the same JSON shape as every other line. Written with a
+    single write(2) (atomic for a line this size, so threads need no lock): the logging
+    module costs ~10x as much, on every request."""
+    if ADMISSION.isEnabledFor(logging.INFO):
+        line = {
+            "time": _timestamp(time.time()),
+            "level": "info",
+            "logger": ADMISSION.name,
+            "message": "admission",
+            **fields,
+        }
+        os.write(2, orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE))
 
 
 def dict_config(level: str) -> dict[str, Any]:
@@ -54,3 +80,13 @@ def dict_config(level: str) -> dict[str, Any]:
 def configure(level: str) -> None:
     """Apply `dict_config` (for processes that are not gunicorn's)."""
     logging.config.dictConfig(dict_config(level))
+
+
+class GunicornLogger(Logger):  # type: ignore[misc]
+    """gunicorn's logger without its access log. A logging config turns gunicorn's access log
+    on, and it formats a line per request even when that line is then dropped: ~5% of a
+    worker's time. The webhook logs its own line per admission instead."""
+
+    @property
+    def access_log_enabled(self) -> bool:
+        return False

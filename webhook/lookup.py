@@ -13,6 +13,8 @@ import yaml
 from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
 
 log = logging.getLogger(__name__)
+# libyaml's loader when PyYAML was built with it: 10x faster on directories of many tests.
+SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 class SourceUnavailable(Exception):
@@ -45,7 +47,7 @@ def _load_dir(directory: Path) -> dict[tuple[str, str], LocustTestInfo]:
     tests: dict[tuple[str, str], LocustTestInfo] = {}
     for path in sorted(directory.glob("*.y*ml")):
         try:
-            documents = list(yaml.safe_load_all(path.read_text()))
+            documents = list(yaml.load_all(path.read_text(), Loader=SafeLoader))
         except (OSError, yaml.YAMLError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
@@ -79,10 +81,8 @@ class DirectorySource:
         self._thread: threading.Thread | None = None
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
-        return tuple(
-            (p.name, p.stat().st_mtime_ns, p.stat().st_size)
-            for p in sorted(self._directory.glob("*.y*ml"))
-        )
+        stats = ((p.name, p.stat()) for p in sorted(self._directory.glob("*.y*ml")))
+        return tuple((name, st.st_mtime_ns, st.st_size) for name, st in stats)
 
     def _poll(self) -> None:
         while not self._stopped.wait(self._poll_seconds):

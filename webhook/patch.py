@@ -45,7 +45,8 @@ def _diff_dict(old: dict[str, Any], new: dict[str, Any], path: str, ops: list[Op
             ops.append({"op": "remove", "path": f"{path}/{escape(key)}"})
     for key, value in new.items():
         if key in old:
-            _diff(old[key], value, f"{path}/{escape(key)}", ops)
+            if old[key] is not value:  # untouched subtrees: not even a path to build
+                _diff(old[key], value, f"{path}/{escape(key)}", ops)
         else:
             ops.append({"op": "add", "path": f"{path}/{escape(key)}", "value": value})
 

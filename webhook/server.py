@@ -6,6 +6,7 @@ calls in every worker after the fork: nothing starts at import.
 
 from __future__ import annotations
 
+import gc
 import logging
 import ssl
 import tempfile
@@ -61,6 +62,12 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
 
         def post_worker_init(_worker: Any) -> None:
             tls.publish()
+            # Objects alive after start-up (modules, app, cache) never become garbage: keep
+            # them out of the collector, and collect young objects less often. A full
+            # collection over them paused requests for 14-20 ms (the p99 at load).
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 100)
 
         def worker_exit(_server: Any, _worker: Any) -> None:
             if self.source is not None:
@@ -93,6 +100,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "proc_name": "locust-webhook",
             "worker_tmp_dir": tempfile.gettempdir(),
             "logconfig_dict": logs.dict_config(s.log_level),
+            "logger_class": logs.GunicornLogger,
             # The control socket would be written under $HOME: read-only in the container.
             "control_socket_disable": True,
         }

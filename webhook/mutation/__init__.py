@@ -87,16 +87,16 @@ def mutate(
         # Removing the exporter may shift the Locust container: find it again by name.
         index = next(i for i, c in enumerate(pod["spec"]["containers"]) if c["name"] == target.name)
         pod, env_added = inject_otel_env(
-            pod, index, test, namespace, target.role, settings.resource_attributes
+            pod, index, test, namespace, target, settings.resource_attributes
         )
-        pod, flag_added = add_otel_flag(pod, index)
+        pod, flag_added = add_otel_flag(pod, index, target)
         added = env_added + flag_added
     elif target.role == "master":
         mode = "exporter"
         warning = scrape_annotation_warning(pod, settings)
         if warning:
             warnings.append(warning)
-        pod, sidecar_added = add_metrics_exporter(pod, settings, web_port(container))
+        pod, sidecar_added = add_metrics_exporter(pod, settings, web_port(container, target.words))
         pod, annotations_added = add_scrape_annotations(pod, settings)
         added = sidecar_added + annotations_added
     else:

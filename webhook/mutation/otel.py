@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import urlsplit
 
 from ..models import PROTOCOLS, LocustTestInfo, OtelSpec
-from .pod import Container, Pod, Role, env_value, locust_words, shell_script, with_container
+from .pod import Container, Pod, Role, Target, env_value, with_container
 
 RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 SERVICE_NAME = "OTEL_SERVICE_NAME"
@@ -50,7 +51,7 @@ def desired_env(
     test: LocustTestInfo,
     container: Container,
     namespace: str,
-    role: Role,
+    target: Target,
     enrich: bool,
 ) -> list[dict[str, object]]:
     """The OTel env vars the container should end with, in SPEC order (before filtering out
@@ -73,13 +74,15 @@ def desired_env(
     wanted.update(extra)
     if SERVICE_NAME not in wanted and env_value(container, SERVICE_NAME) is None:
         wanted[SERVICE_NAME] = _service_name(test, dict(spec.extra_env), container)
-    if shell_script(container) is not None:
+    if target.shell:
         wanted[ENABLE_VAR] = "true"
     env: list[dict[str, object]] = [{"name": k, "value": v} for k, v in wanted.items()]
     if env_value(container, RESOURCE_ATTRIBUTES) is not None:
         return env
     if enrich:
-        merged, needs_pod_name = _resource_attributes(user_attributes or "", namespace, test, role)
+        merged, needs_pod_name = _resource_attributes(
+            user_attributes or "", namespace, test, target.role
+        )
         if needs_pod_name:
             env.append(
                 {"name": POD_NAME_VAR, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
@@ -91,7 +94,7 @@ def desired_env(
 
 
 def inject_otel_env(
-    pod: Pod, index: int, test: LocustTestInfo, namespace: str, role: Role, enrich: bool
+    pod: Pod, index: int, test: LocustTestInfo, namespace: str, target: Target, enrich: bool
 ) -> tuple[Pod, list[str]]:
     """Append the OTel env vars the Locust container lacks; the pod's own values win."""
     assert test.otel is not None
@@ -99,7 +102,7 @@ def inject_otel_env(
     present = {entry["name"] for entry in container.get("env") or ()}
     missing = [
         entry
-        for entry in desired_env(test.otel, test, container, namespace, role, enrich)
+        for entry in desired_env(test.otel, test, container, namespace, target, enrich)
         if entry["name"] not in present
     ]
     if not missing:
@@ -108,12 +111,12 @@ def inject_otel_env(
     return with_container(pod, "containers", index, updated), [f"env:{e['name']}" for e in missing]
 
 
-def add_otel_flag(pod: Pod, index: int) -> tuple[Pod, list[str]]:
+def add_otel_flag(pod: Pod, index: int, target: Target) -> tuple[Pod, list[str]]:
     """`--otel` once in the args, before --master/--worker, else last. Shell-wrapped commands
     get LOCUST_ENABLE_OPENTELEMETRY from inject_otel_env instead."""
-    container = pod["spec"]["containers"][index]
-    if shell_script(container) is not None or OTEL_FLAG in locust_words(container):
+    if target.shell or OTEL_FLAG in target.words:
         return pod, []
+    container = pod["spec"]["containers"][index]
     args = list(container.get("args") or ())
     position = next((i for i, a in enumerate(args) if a in ("--master", "--worker")), len(args))
     args.insert(position, OTEL_FLAG)
@@ -135,41 +138,46 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
     """Settings the real Python OTLP exporters cannot work with (SPEC section 4 table), and
     resource attributes Locust replaces with its own."""
     assert test.otel is not None
-    extra = dict(test.otel.extra_env)
-    where = f"LocustTest {test.namespace}/{test.name}"
-    attributes = _effective(container, extra, RESOURCE_ATTRIBUTES, "") or ""
-    replaced = (
-        [
+    spec = test.otel
+    extra = dict(spec.extra_env)
+    return list(
+        _warnings(
+            f"LocustTest {test.namespace}/{test.name}",
+            _effective(container, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint),
+            _effective(container, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol),
+            _effective(
+                container, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else ""
+            ),
+            _effective(container, extra, RESOURCE_ATTRIBUTES, "") or "",
+        )
+    )
+
+
+# The same few settings come back for every pod of a test: remember their verdicts.
+@functools.lru_cache(maxsize=1024)
+def _warnings(
+    where: str, endpoint: str | None, protocol: str | None, insecure: str | None, attributes: str
+) -> tuple[str, ...]:
+    warnings: list[str] = []
+    if "service.version" in parse_attributes(attributes):
+        warnings.append(
             f"{where}: Locust sets service.version to its own version, replacing the "
             "service.version in OTEL_RESOURCE_ATTRIBUTES; use another key (e.g. test.version)"
-        ]
-        if "service.version" in parse_attributes(attributes)
-        else []
-    )
-    return replaced + _endpoint_warnings(test, container, extra, where)
-
-
-def _endpoint_warnings(
-    test: LocustTestInfo, container: Container, extra: dict[str, str], where: str
-) -> list[str]:
-    assert test.otel is not None
-    spec = test.otel
-    endpoint = _effective(container, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint)
-    protocol = _effective(container, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol)
-    insecure = _effective(
-        container, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else ""
-    )
+        )
     if endpoint == "":
-        return [
+        warnings.append(
             f"{where}: OpenTelemetry is enabled without an endpoint: set "
             "spec.observability.openTelemetry.endpoint to the collector (e.g. "
             "http://otel-collector.monitoring:4317), or nothing will be exported"
-        ]
+        )
+        return tuple(warnings)
     if endpoint is None or protocol is None:
-        return []
+        return tuple(warnings)
     if protocol not in PROTOCOLS:
-        return [f"{where}: protocol {protocol!r} is not supported; use grpc or http/protobuf"]
-    warnings: list[str] = []
+        warnings.append(
+            f"{where}: protocol {protocol!r} is not supported; use grpc or http/protobuf"
+        )
+        return tuple(warnings)
     has_scheme = "://" in endpoint
     parts = urlsplit(endpoint if has_scheme else f"//{endpoint}")
     scheme = parts.scheme.lower()
@@ -204,4 +212,4 @@ def _endpoint_warnings(
             f"{where}: endpoint {endpoint!r} has no scheme: the OTLP/HTTP exporter fails at "
             f"once; use http://{endpoint}"
         )
-    return warnings
+    return tuple(warnings)

@@ -76,12 +76,6 @@ def check_shape(pod: Any) -> None:
                 raise MalformedPod(f"{where} must be a container with a name")
             _check_strings(container.get("args"), f"{where}.args")
             _check_strings(container.get("command"), f"{where}.command")
-            env = container.get("env")
-            if env is not None and (
-                not isinstance(env, list)
-                or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in env)
-            ):
-                raise MalformedPod(f"{where}.env must be a list of named variables")
 
 
 def pod_labels(pod: Pod) -> dict[str, str]:
@@ -170,9 +164,8 @@ def target_container(pod: Pod) -> int:
     return candidates[0][0]
 
 
-def role_of(pod: Pod, container: Container) -> Role:
+def role_of(pod: Pod, words: list[str]) -> Role:
     """master or worker, from the Locust arguments first, then the pod-name label."""
-    words = locust_words(container)
     if "--master" in words:
         return "master"
     if "--worker" in words:
@@ -203,11 +196,9 @@ def env_value(container: Container, name: str) -> str | None:
     return None
 
 
-def web_port(container: Container) -> int:
+def web_port(container: Container, words: list[str]) -> int:
     """The port Locust's web UI listens on: --web-port, else LOCUST_WEB_PORT, else 8089."""
-    raw = _flag_value(locust_words(container), "--web-port") or env_value(
-        container, "LOCUST_WEB_PORT"
-    )
+    raw = _flag_value(words, "--web-port") or env_value(container, "LOCUST_WEB_PORT")
     if raw and raw.isdigit() and 0 < int(raw) < 65536:
         return int(raw)
     return DEFAULT_WEB_PORT
@@ -224,18 +215,33 @@ def owner_job(pod: Pod) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """The Locust container chosen for a pod, and what it is."""
+    """The Locust container chosen for a pod, and what it is (read once per admission)."""
 
     index: int
     name: str
     role: Role
+    words: list[str]  # what Locust is started with (the shell script's words when wrapped)
+    shell: bool  # started through `sh -c`
 
 
 def find_target(pod: Pod) -> Target:
-    """The Locust container and its role; raises NoTarget."""
+    """The Locust container and its role; raises NoTarget or MalformedPod."""
     index = target_container(pod)
     container = pod["spec"]["containers"][index]
-    return Target(index=index, name=container["name"], role=role_of(pod, container))
+    env = container.get("env")
+    if env is not None and (
+        not isinstance(env, list)
+        or not all(isinstance(e, dict) and isinstance(e.get("name"), str) for e in env)
+    ):
+        raise MalformedPod(f"spec.containers[{index}].env must be a list of named variables")
+    words = locust_words(container)
+    return Target(
+        index=index,
+        name=container["name"],
+        role=role_of(pod, words),
+        words=words,
+        shell=shell_script(container) is not None,
+    )
 
 
 def with_container(pod: Pod, field: ContainerField, index: int, container: Container) -> Pod:
