@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,6 @@ class LocustTestInfo:
     namespace: str
     name: str
     api_version: str
-    resource_version: str
     required: bool
     otel: OtelSpec | None
 
@@ -88,11 +88,11 @@ def parse_locusttest(obj: Any, default_namespace: str = "default") -> LocustTest
     otel = None
     if str(api_version).endswith("/v2"):
         otel = parse_otel(_as_dict(obj.get("spec"), "spec").get("observability"))
+    # Thousands of tests share a few namespaces and versions: keep one copy of each string.
     return LocustTestInfo(
-        namespace=str(namespace),
+        namespace=sys.intern(str(namespace)),
         name=name,
-        api_version=str(api_version),
-        resource_version=str(metadata.get("resourceVersion") or ""),
+        api_version=sys.intern(str(api_version)),
         required=annotations.get(REQUIRED_ANNOTATION) == "true",
         otel=otel,
     )
