@@ -32,7 +32,6 @@ import os
 import platform
 import random
 import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -59,34 +58,13 @@ os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="bench
 
 import orjson  # noqa: E402
 import reviews  # noqa: E402
+from server_process import free_port, make_certs  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------------------------
 # servers
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def make_certs(directory: Path) -> Path:
-    subprocess.run(
-        [
-            str(BIN / "locust-webhook"),
-            "certs",
-            "--out-dir",
-            str(directory),
-            "--service",
-            "localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return directory
 
 
 def _stat(pid: int) -> list[str]:

@@ -48,10 +48,6 @@ class MutationResult:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def changed(self) -> bool:
-        return bool(self.added or self.removed)
-
 
 def _job_note(pod: Pod, test: LocustTestInfo, role: Role) -> list[str]:
     """The operator names the Job `<name with dots as dashes>-<role>`; say so when it is not."""
@@ -101,34 +97,16 @@ def mutate(
         added = sidecar_added + annotations_added
     else:
         mode = "none"
-    result = MutationResult(
-        pod,
-        mode,
-        target.role,
-        target.name,
-        added,
-        removed,
-        warnings,
-        _job_note(pod, test, target.role),
-    )
-    if not result.changed:
-        return result
-    status = orjson.dumps(
-        {
+    if added or removed:
+        status = {
             "mode": mode,
             "container": target.name,
             "role": target.role,
             "added": added,
             "removed": removed,
         }
-    ).decode()
+        pod = with_annotations(pod, {STATUS_ANNOTATION: orjson.dumps(status).decode()})
     return MutationResult(
-        with_annotations(pod, {STATUS_ANNOTATION: status}),
-        mode,
-        target.role,
-        target.name,
-        added,
-        removed,
-        warnings,
-        result.notes,
-    )
+        pod, mode, target.role, target.name, added, removed, warnings,
+        _job_note(pod, test, target.role),
+    )  # fmt: skip
