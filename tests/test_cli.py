@@ -14,6 +14,7 @@ import jsonpatch
 import pytest
 import yaml
 from fixtures import locusttest, operator_pod
+from server_process import make_certs
 
 from webhook.config import (
     MUTATION_OPTIONS,
@@ -105,12 +106,7 @@ def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:
 
 def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
     for name in ("one", "two"):
-        subprocess.run(
-            [CLI, "certs", "--out-dir", str(tmp_path / name), "--service", "localhost"],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
+        make_certs(tmp_path / name)
     done = subprocess.run(
         [
             CLI,
@@ -131,12 +127,7 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
 
 
 def test_serve_without_cluster_or_directory_says_what_to_set(tmp_path: Path) -> None:
-    subprocess.run(
-        [CLI, "certs", "--out-dir", str(tmp_path), "--service", "localhost"],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    make_certs(tmp_path)
     done = subprocess.run(
         [
             CLI,

@@ -32,10 +32,9 @@ def _read_body(limit: int) -> bytes | Response:
     try:
         body = request.stream.read(limit + 1)
     except TimeoutError:
-        # The client stopped sending within the server's read budget (server.DeadlineSSLSocket).
-        response = _error(408, "the request body did not arrive in time")
-        response.headers["Connection"] = "close"
-        return response
+        # The client stopped sending within the read budget (tls.DeadlineSSLSocket); the
+        # connection is closed after this answer.
+        return _error(408, "the request body did not arrive in time")
     except Exception as exc:  # the server's body reader raises its own types for bad framing
         log.info("unreadable request body: %s", exc)
         return _error(400, "the request body could not be read")

@@ -53,7 +53,8 @@ def _check_string_map(value: Any, where: str) -> None:
 
 
 def check_shape(pod: Any) -> None:
-    """Raise MalformedPod unless every field the mutation reads or writes has its Pod type."""
+    """Raise MalformedPod unless the fields the mutation reads or writes have their Pod types
+    (the env of the Locust container is checked when find_target chooses it)."""
     if not isinstance(pod, dict):
         raise MalformedPod("request.object must be a Pod object")
     metadata = pod.get("metadata")
