@@ -221,3 +221,28 @@ def test_half_written_certificate_is_refused(
     client.stop.set()
     assert client.failed == []
     assert client.seen[-1][1] == fingerprint(pairs[0])
+
+
+@pytest.mark.parametrize("years", [1, 40])  # UTCTime until 2049, GeneralizedTime after
+def test_not_after_reads_the_certificate_expiry(tmp_path: Path, years: int) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from webhook.tls import not_after
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
+    now = datetime.now(UTC).replace(microsecond=0)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + timedelta(days=365 * years))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pem = cert.public_bytes(Encoding.PEM)
+    assert not_after(b"junk\n" + pem) == cert.not_valid_after_utc.timestamp()
+    with pytest.raises(ValueError):
+        not_after(pem[: len(pem) // 2])

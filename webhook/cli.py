@@ -146,7 +146,7 @@ def run_inject(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_certs: bool = True) -> argparse.ArgumentParser:
     """The command line: every setting with its environment variable and default in --help."""
     parser = argparse.ArgumentParser(
         prog="locust-webhook",
@@ -181,15 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(inject, MUTATION_OPTIONS)
     inject.set_defaults(func=run_inject)
 
-    from .certs import add_parser as add_certs_parser
+    if with_certs:
+        from .certs import add_parser as add_certs_parser
 
-    add_certs_parser(commands)
+        add_certs_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `serve` never needs `certs`, whose cryptography import would cost every worker ~8 MB.
+    args = build_parser(with_certs=argv[:1] != ["serve"]).parse_args(argv)
     try:
         code: int = args.func(args)
     except (SettingError, UsageError) as exc:

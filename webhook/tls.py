@@ -8,17 +8,18 @@ previous context is kept.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import re
 import ssl
 import threading
 import time
 from dataclasses import dataclass
-
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from datetime import UTC, datetime
 
 log = logging.getLogger(__name__)
+PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
 
 
 class CertificateError(ValueError):
@@ -119,17 +120,50 @@ def _read(path: str) -> bytes:
         return handle.read()
 
 
+def _der_element(der: bytes, pos: int) -> tuple[int, int, int]:
+    """(tag, start of content, end of content) of the DER element at `pos`."""
+    tag, length = der[pos], der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        size = length & 0x7F
+        length = int.from_bytes(der[pos : pos + size], "big")
+        pos += size
+    return tag, pos, pos + length
+
+
+def not_after(cert_pem: bytes) -> float:
+    """notAfter of the first certificate in a PEM file (RFC 5280 TBSCertificate.validity).
+
+    Read from the DER directly: the serving processes then need no `cryptography`, whose
+    import alone costs ~8 MB in every worker."""
+    match = PEM_CERTIFICATE.search(cert_pem)
+    if match is None:
+        raise ValueError("no PEM certificate")
+    der = base64.b64decode(b"".join(match.group(1).split()), validate=True)
+    _, certificate, _ = _der_element(der, 0)
+    _, pos, _ = _der_element(der, certificate)  # tbsCertificate
+    tag, _, end = _der_element(der, pos)
+    if tag == 0xA0:  # [0] version is optional
+        pos = end
+    for _ in ("serialNumber", "signature", "issuer"):
+        pos = _der_element(der, pos)[2]
+    _, validity, _ = _der_element(der, pos)
+    tag, start, end = _der_element(der, _der_element(der, validity)[2])  # after notBefore
+    layout = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}.get(tag)  # UTCTime, GeneralizedTime
+    if layout is None:
+        raise ValueError("no validity in the certificate")
+    moment = datetime.strptime(der[start:end].decode("ascii"), layout)
+    return moment.replace(tzinfo=UTC).timestamp()
+
+
 def load_pair(cert_file: str, key_file: str) -> LoadedPair:
     """A server context for the pair; raises CertificateError when it cannot serve."""
     try:
         stamp = _stamp(cert_file, key_file)
         cert_pem, key_pem = _read(cert_file), _read(key_file)
-        certificate = x509.load_pem_x509_certificate(cert_pem)
-        key = load_pem_private_key(key_pem, password=None)
-    except (OSError, ValueError, TypeError) as exc:
+        expires = not_after(cert_pem)
+    except (OSError, ValueError, IndexError) as exc:
         raise CertificateError(f"cannot read {cert_file} / {key_file}: {exc}") from None
-    if certificate.public_key() != key.public_key():
-        raise CertificateError(f"{key_file} is not the key of {cert_file}")
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # Bounded reads for every connection this context wraps (see DeadlineSSLSocket).
@@ -140,9 +174,13 @@ def load_pair(cert_file: str, key_file: str) -> LoadedPair:
         # of exactly the bytes that were checked.
         if _read(cert_file) != cert_pem or _read(key_file) != key_pem:
             raise CertificateError("the files changed while loading; will retry")
-    except (OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise CertificateError(f"{key_file} is not the key of {cert_file}") from None
         raise CertificateError(f"cannot load {cert_file} / {key_file}: {exc}") from None
-    return LoadedPair(context, certificate.not_valid_after_utc.timestamp(), stamp)
+    except OSError as exc:
+        raise CertificateError(f"cannot load {cert_file} / {key_file}: {exc}") from None
+    return LoadedPair(context, expires, stamp)
 
 
 class ReloadingContext:
