@@ -1,6 +1,6 @@
 -- wrk script: POST AdmissionReviews to /mutate over keep-alive, cycling the bodies of
--- BENCH_BODIES (one JSON body per line, carrying BENCH-UID-PLACEHOLDER as request.uid) with a
--- unique uid per request.
+-- BENCH_BODIES (one JSON body per line, carrying BENCH-UID-PLACEHOLDER as request.uid, and in
+-- the unique-pod mix also in a pod annotation) with a unique uid per request.
 --
 -- BENCH_RATE unset or 0: closed loop (each connection sends as soon as it has its answer).
 -- BENCH_RATE=R: paced at R requests/s in total, evenly over the threads (run it with one
@@ -28,15 +28,23 @@ local rate = tonumber(os.getenv("BENCH_RATE") or "0") or 0
 local bodies_file = os.getenv("BENCH_BODIES")
 local headers = { ["Content-Type"] = "application/json", ["Connection"] = "keep-alive" }
 
-local prefixes, suffixes, count = {}, {}, 0
+local pieces, count = {}, 0
 local function load_bodies()
   local file = assert(io.open(bodies_file, "rb"), "BENCH_BODIES: cannot open " .. tostring(bodies_file))
   for line in file:lines() do
     if #line > 0 then
-      local at = assert(string.find(line, PLACEHOLDER, 1, true), "a body has no uid placeholder")
+      -- Split at every placeholder: a body may carry it twice (uid and a pod annotation).
+      local parts, from = {}, 1
+      while true do
+        local at = string.find(line, PLACEHOLDER, from, true)
+        if at == nil then break end
+        parts[#parts + 1] = string.sub(line, from, at - 1)
+        from = at + #PLACEHOLDER
+      end
+      assert(#parts > 0, "a body has no uid placeholder")
+      parts[#parts + 1] = string.sub(line, from)
       count = count + 1
-      prefixes[count] = string.sub(line, 1, at - 1)
-      suffixes[count] = string.sub(line, at + #PLACEHOLDER)
+      pieces[count] = parts
     end
   end
   file:close()
@@ -76,7 +84,7 @@ function request()
     if pending ~= nil and pending < t then start = pending else start = t end
     pending = nil
   end
-  return wrk.format("POST", "/mutate", headers, prefixes[k] .. uid .. suffixes[k])
+  return wrk.format("POST", "/mutate", headers, table.concat(pieces[k], uid))
 end
 
 if rate > 0 then

@@ -110,9 +110,21 @@ def body(pod: dict[str, Any], namespace: str = NAMESPACE, uid: str = PLACEHOLDER
     return orjson.dumps(review(pod, namespace, uid=uid))
 
 
-def load_mix(per_kind: int = 10) -> list[tuple[str, bytes]]:
+UNIQUE_ANNOTATION = "bench.locust.io/request"
+
+
+def unique(pod: dict[str, Any]) -> dict[str, Any]:
+    """The pod with the uid placeholder in an annotation too: every request then carries a pod
+    of its own, and the webhook's memo of identical pods never answers."""
+    pod = copy.deepcopy(pod)
+    pod["metadata"].setdefault("annotations", {})[UNIQUE_ANNOTATION] = PLACEHOLDER
+    return pod
+
+
+def load_mix(per_kind: int = 10, unique_pods: bool = False) -> list[tuple[str, bytes]]:
     """(kind, body): for each i, the OTel master and worker of `otel-<i>` and the master of
-    `plain-<i>` (which gets the exporter sidecar)."""
+    `plain-<i>` (which gets the exporter sidecar). The 30 bodies repeat, as the pods of one Job
+    do; with `unique_pods`, no two requests carry the same pod."""
     mix = []
     for i in range(per_kind):
         for kind, test, role in (
@@ -121,7 +133,7 @@ def load_mix(per_kind: int = 10) -> list[tuple[str, bytes]]:
             ("exporter-master", f"plain-{i}", "master"),
         ):
             pod = with_managed_fields(operator_pod(test, role, workers=20))
-            mix.append((kind, body(pod)))
+            mix.append((kind, body(unique(pod) if unique_pods else pod)))
     return mix
 
 

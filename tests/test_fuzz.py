@@ -33,6 +33,7 @@ from webhook.app import create_app
 from webhook.config import MutationSettings
 from webhook.handler import Handler
 from webhook.models import LocustTestInfo, parse_locusttest
+from webhook.review import BadReview
 
 __all__ = ["reliability"]  # the fixture, imported for the tests of this module
 
@@ -366,3 +367,43 @@ def test_fuzzed_reviews_over_https(
         check_answer(status, data, document, pod, valid and is_valid_pod(pod))
     pid = server.process.pid
     assert set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) == workers
+
+
+# -- the memo of identical pods --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def remembering() -> Handler:
+    """One handler for all examples: its memo fills up with the pods hypothesis draws."""
+    return Handler(FixedSource(), MutationSettings())
+
+
+def answer_of(handler: Handler, document: Any) -> bytes | str:
+    try:
+        return handler.handle(json.dumps(document).encode())
+    except BadReview as exc:
+        return f"400: {exc}"
+
+
+@FUZZ
+@given(case=reviews(), node=st.text(max_size=10), time=st.text(max_size=10))
+def test_remembered_answers_equal_fresh_ones(
+    remembering: Handler, case: tuple[dict[str, Any], Any, bool], node: str, time: str
+) -> None:
+    """The memo answers exactly as mutating anew would, for the pod asked twice and for a pod
+    that differs from it only where the mutation never looks (name, managedFields, nodeName)."""
+    document, _, _ = case
+    fresh = answer_of(Handler(FixedSource(), MutationSettings()), document)
+    assert answer_of(remembering, document) == fresh
+    assert answer_of(remembering, document) == fresh
+    twin = copy.deepcopy(document)
+    request = twin.get("request") if isinstance(twin, dict) else None
+    pod = request.get("object") if isinstance(request, dict) else None
+    if isinstance(pod, dict) and isinstance(pod.get("metadata"), dict):
+        pod["metadata"]["name"] = f"demo-worker-{node}"
+        pod["metadata"]["managedFields"] = [{"manager": "test", "time": time}]
+        if isinstance(pod.get("spec"), dict):
+            pod["spec"]["nodeName"] = node
+    assert answer_of(remembering, twin) == answer_of(
+        Handler(FixedSource(), MutationSettings()), twin
+    )

@@ -11,7 +11,7 @@ from . import logs, metrics
 from .config import MutationSettings
 from .lookup import LocustTestSource, SourceUnavailable
 from .models import LocustTestInfo
-from .mutation import MalformedPod, MutationResult, NoTarget, mutate, opted_out
+from .mutation import MalformedPod, NoTarget, fingerprint, mutate, opted_out
 from .mutation.pod import TEST_NAME_LABEL
 from .patch import diff
 from .review import (
@@ -20,12 +20,16 @@ from .review import (
     Review,
     allowed,
     denied,
+    encode_patch,
     envelope,
     parse_review,
     patched,
 )
 
 log = logging.getLogger("webhook.admission")
+# Answers remembered per worker; each is a few KB at most. Cleared when full: a test start is
+# a burst of identical pods, and the memo refills on the first of them.
+MEMO_SIZE = 2048
 
 
 @dataclass
@@ -39,6 +43,18 @@ class Outcome:
     role: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Mutated:
+    """What mutating a pod gave, without the request it came with: the same for every pod
+    with the same fingerprint, LocustTest and namespace."""
+
+    patch: str  # encoded (review.encode_patch); '' when the pod already has it all
+    warnings: list[str]
+    mode: str
+    role: str
+    notes: tuple[str, ...]
+
+
 class Handler:
     """Turns an AdmissionReview body into the AdmissionReview answer."""
 
@@ -48,6 +64,7 @@ class Handler:
         self.source = source
         self.settings = settings
         self.fail_closed = failure_policy == "closed"
+        self._memo: dict[tuple[LocustTestInfo, str, bytes], Mutated] = {}
 
     def handle(self, body: bytes) -> bytes:
         """Answer one review. Raises BadReview (the caller's fault: HTTP 400)."""
@@ -128,29 +145,39 @@ class Handler:
         self, review: Review, pod: dict[str, Any], test: LocustTestInfo, namespace: str
     ) -> Outcome:
         name = test.name
-        try:
-            result: MutationResult = mutate(pod, test, namespace, self.settings)
-            patch = diff(pod, result.pod)
-        except MalformedPod as exc:
-            return Outcome(
-                allowed(review.uid, [f"pod not mutated: {exc}"]), "skipped", "malformed-pod", name
+        digest = fingerprint(pod)
+        key = (test, namespace, digest) if digest is not None else None
+        done = self._memo.get(key) if key is not None else None
+        if done is None:
+            try:
+                result = mutate(pod, test, namespace, self.settings)
+                patch = diff(pod, result.pod)
+            except MalformedPod as exc:
+                message = f"pod not mutated: {exc}"
+                return Outcome(allowed(review.uid, [message]), "skipped", "malformed-pod", name)
+            except NoTarget as exc:
+                message = f"LocustTest {namespace}/{name}: observability was not injected: {exc}"
+                if test.required:
+                    return Outcome(denied(review.uid, message), "denied", "no-target", name)
+                return Outcome(allowed(review.uid, [message]), "skipped", "no-target", name)
+            except Exception:
+                log.exception("mutation failed", extra={"uid": review.uid, "locusttest": name})
+                return self._refuse_or_allow(
+                    review,
+                    "internal-error",
+                    f"LocustTest {namespace}/{name}: internal error while injecting observability",
+                    test.required,
+                )
+            done = Mutated(
+                encode_patch(patch), result.warnings, result.mode, result.role, tuple(result.notes)
             )
-        except NoTarget as exc:
-            message = f"LocustTest {namespace}/{name}: observability was not injected: {exc}"
-            if test.required:
-                return Outcome(denied(review.uid, message), "denied", "no-target", name)
-            return Outcome(allowed(review.uid, [message]), "skipped", "no-target", name)
-        except Exception:
-            log.exception("mutation failed", extra={"uid": review.uid, "locusttest": name})
-            return self._refuse_or_allow(
-                review,
-                "internal-error",
-                f"LocustTest {namespace}/{name}: internal error while injecting observability",
-                test.required,
-            )
-        for note in result.notes:
+            if key is not None:
+                if len(self._memo) >= MEMO_SIZE:
+                    self._memo.clear()
+                self._memo[key] = done
+        for note in done.notes:
             log.warning(note, extra={"uid": review.uid, "locusttest": name})
-        outcome = "patched" if patch else "unchanged"
+        outcome = "patched" if done.patch else "unchanged"
         return Outcome(
-            patched(review.uid, patch, result.warnings), outcome, result.mode, name, result.role
+            patched(review.uid, done.patch, done.warnings), outcome, done.mode, name, done.role
         )

@@ -115,14 +115,17 @@ def allowed(uid: str, warnings: list[str] | None = None) -> ResponseDict:
     return response
 
 
-def patched(
-    uid: str, patch: list[dict[str, Any]], warnings: list[str] | None = None
-) -> ResponseDict:
-    """Admit with a JSON patch; an empty patch admits unchanged."""
+def encode_patch(patch: list[dict[str, Any]]) -> str:
+    """A JSON patch as `response.patch` carries it (base64 of its JSON); '' for no change."""
+    return base64.b64encode(orjson.dumps(patch)).decode("ascii") if patch else ""
+
+
+def patched(uid: str, patch: str, warnings: list[str] | None = None) -> ResponseDict:
+    """Admit with an encoded JSON patch (`encode_patch`); an empty one admits unchanged."""
     response = allowed(uid, warnings)
     if patch:
         response["patchType"] = "JSONPatch"
-        response["patch"] = base64.b64encode(orjson.dumps(patch)).decode("ascii")
+        response["patch"] = patch
     return response
 
 

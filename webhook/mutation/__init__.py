@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import orjson
@@ -32,7 +33,15 @@ from .pod import (
     with_annotations,
 )
 
-__all__ = ["MalformedPod", "MutationResult", "NoTarget", "check_shape", "mutate", "opted_out"]
+__all__ = [
+    "MalformedPod",
+    "MutationResult",
+    "NoTarget",
+    "check_shape",
+    "fingerprint",
+    "mutate",
+    "opted_out",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,26 @@ def _job_note(pod: Pod, test: LocustTestInfo, role: Role) -> list[str]:
         shown = job if len(job) <= 80 else job[:80] + "..."
         return [f"owning Job {shown!r} is not {expected!r}, the name the operator gives it"]
     return []
+
+
+def fingerprint(pod: Pod) -> bytes | None:
+    """A digest of every part of the pod that `mutate` reads or edits, with whether each is
+    present (an absent field and a null one patch differently): two pods with the same
+    fingerprint get the same patch from the same LocustTest, namespace and settings. The pods
+    of one Job are identical, so a test's workers are mutated once. None when the pod cannot be
+    fingerprinted (it is then mutated on its own; `mutate` says what is wrong with it)."""
+    metadata = pod.get("metadata")
+    spec = pod.get("spec")
+    if not isinstance(metadata, dict) or not isinstance(spec, dict):
+        return None
+    read = [
+        [key in metadata, metadata.get(key)] for key in ("labels", "annotations", "ownerReferences")
+    ] + [[key in spec, spec.get(key)] for key in ("containers", "initContainers")]
+    try:
+        encoded = orjson.dumps(read)
+    except TypeError:
+        return None
+    return hashlib.blake2b(encoded, digest_size=16).digest()
 
 
 def mutate(

@@ -1,0 +1,122 @@
+"""The handler's memo of identical pods: the pods of one Job are mutated once, and the memo
+never answers for a pod, a LocustTest or a namespace other than the one it was computed for.
+(tests/test_fuzz.py also checks, on fuzzed pods, that remembered answers equal fresh ones.)"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+from conftest import validate_pod
+from fixtures import locusttest, operator_pod, review
+
+from webhook.config import MutationSettings
+from webhook.handler import Handler
+from webhook.models import LocustTestInfo, parse_locusttest
+
+ENDPOINT = "http://otel-collector.monitoring:4317"
+
+
+class Source:
+    """LocustTests in a dict, replaceable while the handler runs (as the watch does)."""
+
+    def __init__(self, *tests: dict[str, Any]) -> None:
+        self.tests: dict[tuple[str, str], LocustTestInfo] = {}
+        for test in tests:
+            self.put(test)
+
+    def put(self, test: dict[str, Any]) -> None:
+        info = parse_locusttest(test)
+        self.tests[(info.namespace, info.name)] = info
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return len(self.tests)
+
+    def get(self, namespace: str, name: str) -> LocustTestInfo | None:
+        return self.tests.get((namespace, name))
+
+
+def admit(handler: Handler, pod: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
+    """The response to a pod CREATE; its patch, applied strictly to the pod, must be valid."""
+    answer: dict[str, Any] = json.loads(handler.handle(json.dumps(review(pod, namespace)).encode()))
+    response: dict[str, Any] = answer["response"]
+    if "patch" in response:
+        ops = json.loads(base64.b64decode(response["patch"]))
+        response["ops"] = ops
+        response["pod"] = jsonpatch.JsonPatch(ops).apply(copy.deepcopy(pod))
+        validate_pod(response["pod"])
+    return response
+
+
+def env_of(response: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in response["pod"]["spec"]["containers"][0]["env"]}
+
+
+def test_the_workers_of_one_job_are_mutated_once() -> None:
+    handler = Handler(Source(locusttest("demo", otel={"enabled": True})), MutationSettings())
+    worker = operator_pod("demo", "worker")
+    answers = [admit(handler, worker) for _ in range(5)]
+    assert len(handler._memo) == 1
+    assert all(a["ops"] == answers[0]["ops"] for a in answers)
+    assert len({a["uid"] for a in answers}) == 5
+
+
+def test_a_changed_locusttest_is_not_answered_from_memory() -> None:
+    source = Source(locusttest("demo", otel={"enabled": True, "endpoint": ENDPOINT}))
+    handler = Handler(source, MutationSettings())
+    worker = operator_pod("demo", "worker")
+    assert env_of(admit(handler, worker))["OTEL_EXPORTER_OTLP_ENDPOINT"] == ENDPOINT
+    source.put(locusttest("demo", otel={"enabled": True, "endpoint": "http://other:4317"}))
+    assert env_of(admit(handler, worker))["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://other:4317"
+    source.put(locusttest("demo"))
+    assert "patch" not in admit(handler, worker)  # a worker without OTel is left alone
+
+
+def test_the_same_pod_in_two_namespaces_gets_its_own_namespace() -> None:
+    otel = {"enabled": True, "endpoint": ENDPOINT}
+    source = Source(
+        locusttest("demo", "team-a", otel=otel), locusttest("demo", "team-b", otel=otel)
+    )
+    handler = Handler(source, MutationSettings())
+    worker = operator_pod("demo", "worker")
+    for namespace in ("team-a", "team-b", "team-a"):
+        attributes = env_of(admit(handler, worker, namespace))["OTEL_RESOURCE_ATTRIBUTES"]
+        assert f"k8s.namespace.name={namespace}" in attributes
+
+
+def test_absent_and_null_fields_get_patches_of_their_own() -> None:
+    """`add` creates a missing member, `replace` needs it to exist: a pod with
+    `annotations: null` or `initContainers: null` must not get the patch of a pod without them."""
+    handler = Handler(Source(locusttest("demo")), MutationSettings())
+    absent = operator_pod("demo", "master")
+    nulls = copy.deepcopy(absent)
+    nulls["metadata"]["annotations"] = None
+    nulls["spec"]["initContainers"] = None
+    for pod in (absent, nulls, absent, nulls):
+        response = admit(handler, pod)
+        assert response["pod"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+        assert [c["name"] for c in response["pod"]["spec"]["initContainers"]] == [
+            "locust-metrics-exporter"
+        ]
+    assert len(handler._memo) == 2
+
+
+def test_a_full_memo_is_emptied_and_still_answers(monkeypatch: Any) -> None:
+    monkeypatch.setattr("webhook.handler.MEMO_SIZE", 3)
+    handler = Handler(Source(locusttest("demo", otel={"enabled": True})), MutationSettings())
+    for index in range(7):
+        pod = operator_pod("demo", "worker", extra_args=["-u", str(index)])
+        assert "--otel" in admit(handler, pod)["pod"]["spec"]["containers"][0]["args"]
+        assert 1 <= len(handler._memo) <= 3
