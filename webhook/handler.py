@@ -72,8 +72,7 @@ class Handler:
         review = parse_review(body)
         result = self._decide(review)
         elapsed = time.perf_counter() - started
-        metrics.ADMISSIONS.labels(result.outcome, result.reason).inc()
-        metrics.LATENCY.observe(elapsed)
+        metrics.admitted(result.outcome, result.reason, elapsed)
         pod = review.object if isinstance(review.object, dict) else {}
         metadata = pod.get("metadata")
         if not isinstance(metadata, dict):

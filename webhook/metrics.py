@@ -31,6 +31,18 @@ LATENCY = Histogram(
     "Time spent answering one admission review (inside the server)",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
+_admissions: dict[tuple[str, str], Counter] = {}
+
+
+def admitted(outcome: str, reason: str, seconds: float) -> None:
+    """Count one admission and its duration (label lookups remembered: a handful of pairs)."""
+    child = _admissions.get((outcome, reason))
+    if child is None:
+        child = _admissions[(outcome, reason)] = ADMISSIONS.labels(outcome, reason)
+    child.inc()
+    LATENCY.observe(seconds)
+
+
 CACHE_SIZE = Gauge(
     "locust_webhook_locusttests_cached",
     "LocustTests in the worker's cache",

@@ -31,7 +31,13 @@ def _diff(old: Any, new: Any, path: str, ops: list[Operation]) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
         _diff_dict(old, new, path, ops)
     elif isinstance(old, list) and isinstance(new, list):
-        if _named(old) and _named(new):
+        if _edited_in_place(old, new):
+            for index, item in enumerate(old):
+                if item is not new[index]:
+                    _diff(item, new[index], f"{path}/{index}", ops)
+            for item in new[len(old) :]:
+                ops.append({"op": "add", "path": f"{path}/-", "value": item})
+        elif _named(old) and _named(new):
             _diff_named(old, new, path, ops)
         else:
             _diff_list(old, new, path, ops)
@@ -49,6 +55,22 @@ def _diff_dict(old: dict[str, Any], new: dict[str, Any], path: str, ops: list[Op
                 _diff(old[key], value, f"{path}/{escape(key)}", ops)
         else:
             ops.append({"op": "add", "path": f"{path}/{escape(key)}", "value": value})
+
+
+def _edited_in_place(old: list[Any], new: list[Any]) -> bool:
+    """`new` is `old` with items edited where they stand (same object, or same name) and
+    perhaps some appended: what the mutation does to containers and env lists."""
+    if len(old) > len(new):
+        return False
+    for before, after in zip(old, new, strict=False):
+        if before is after:
+            continue
+        if not (isinstance(before, dict) and isinstance(after, dict)):
+            return False
+        name = before.get("name")
+        if not isinstance(name, str) or after.get("name") != name:
+            return False
+    return True
 
 
 def _named(items: list[Any]) -> bool:
