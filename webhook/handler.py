@@ -27,9 +27,10 @@ from .review import (
 )
 
 log = logging.getLogger("webhook.admission")
-# Answers remembered per worker; each is a few KB at most. Cleared when full: a test start is
-# a burst of identical pods, and the memo refills on the first of them.
-MEMO_SIZE = 2048
+# Answers remembered per worker (~2.5 KB each for a typical pod: ~0.6 MB when full). A test
+# start is a burst of pods of two shapes (master, worker), so 256 covers 128 tests starting at
+# once; when full the memo is emptied and refills on the next pod of each shape.
+MEMO_SIZE = 256
 
 
 @dataclass
