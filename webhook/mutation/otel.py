@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from urllib.parse import urlsplit
 
-from ..models import PROTOCOLS, LocustTestInfo
+from ..models import PROTOCOLS, LocustTestInfo, OtelSpec
 from .pod import Container, Pod, Role, Target, env_value, with_container
 
 RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
@@ -19,6 +19,13 @@ def parse_attributes(raw: str) -> dict[str, str]:
     """`k=v,k2=v2` (OTEL_RESOURCE_ATTRIBUTES) as a dict; malformed members are skipped."""
     pairs = (member.split("=", 1) for member in raw.split(",") if "=" in member)
     return {key.strip(): value.strip() for key, value in pairs if key.strip()}
+
+
+def _service_name(test: LocustTestInfo, extra: dict[str, str], container: Container) -> str:
+    attributes = env_value(container, RESOURCE_ATTRIBUTES)
+    if attributes is None:
+        attributes = extra.get(RESOURCE_ATTRIBUTES, "")
+    return parse_attributes(attributes).get("service.name") or test.name
 
 
 def _resource_attributes(
@@ -40,34 +47,15 @@ def _resource_attributes(
 
 
 def desired_env(
-    test: LocustTestInfo, container: Container, namespace: str, target: Target, enrich: bool
-) -> tuple[dict[str, object], ...]:
-    """The OTel env vars the container should end with, in SPEC order (before filtering out
-    the names it already defines). The entries are shared between pods: never edit them."""
-    return _desired_env(
-        test,
-        namespace,
-        target.role,
-        target.shell,
-        enrich,
-        env_value(container, SERVICE_NAME) is not None,
-        env_value(container, RESOURCE_ATTRIBUTES),
-    )
-
-
-# The pods of a test differ in role and little else: build their env once.
-@functools.lru_cache(maxsize=1024)
-def _desired_env(
+    spec: OtelSpec,
     test: LocustTestInfo,
+    container: Container,
     namespace: str,
-    role: Role,
-    shell: bool,
+    target: Target,
     enrich: bool,
-    own_service_name: bool,
-    own_attributes: str | None,
-) -> tuple[dict[str, object], ...]:
-    assert test.otel is not None
-    spec = test.otel
+) -> list[dict[str, object]]:
+    """The OTel env vars the container should end with, in SPEC order (before filtering out
+    the names it already defines)."""
     extra = dict(spec.extra_env)
     wanted: dict[str, str] = {
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -84,16 +72,17 @@ def _desired_env(
             wanted[key] = extra.pop(key)
     user_attributes = extra.pop(RESOURCE_ATTRIBUTES, None)
     wanted.update(extra)
-    if SERVICE_NAME not in wanted and not own_service_name:
-        attributes = own_attributes if own_attributes is not None else user_attributes or ""
-        wanted[SERVICE_NAME] = parse_attributes(attributes).get("service.name") or test.name
-    if shell:
+    if SERVICE_NAME not in wanted and env_value(container, SERVICE_NAME) is None:
+        wanted[SERVICE_NAME] = _service_name(test, dict(spec.extra_env), container)
+    if target.shell:
         wanted[ENABLE_VAR] = "true"
     env: list[dict[str, object]] = [{"name": k, "value": v} for k, v in wanted.items()]
-    if own_attributes is not None:
-        return tuple(env)
+    if env_value(container, RESOURCE_ATTRIBUTES) is not None:
+        return env
     if enrich:
-        merged, needs_pod_name = _resource_attributes(user_attributes or "", namespace, test, role)
+        merged, needs_pod_name = _resource_attributes(
+            user_attributes or "", namespace, test, target.role
+        )
         if needs_pod_name:
             env.append(
                 {"name": POD_NAME_VAR, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
@@ -101,7 +90,7 @@ def _desired_env(
         env.append({"name": RESOURCE_ATTRIBUTES, "value": merged})
     elif user_attributes is not None:
         env.append({"name": RESOURCE_ATTRIBUTES, "value": user_attributes})
-    return tuple(env)
+    return env
 
 
 def inject_otel_env(
@@ -113,7 +102,7 @@ def inject_otel_env(
     present = {entry["name"] for entry in container.get("env") or ()}
     missing = [
         entry
-        for entry in desired_env(test, container, namespace, target, enrich)
+        for entry in desired_env(test.otel, test, container, namespace, target, enrich)
         if entry["name"] not in present
     ]
     if not missing:
