@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from webhook.config import MutationSettings
-from webhook.models import parse_locusttest
+from webhook.models import LocustTestInfo, parse_locusttest
 from webhook.mutation import MutationResult, mutate
 from webhook.patch import diff
 
@@ -76,6 +76,35 @@ def run_mutation(
     again = mutate(applied, info, namespace, settings)
     assert diff(applied, again.pod) == [], "mutating twice differs from mutating once"
     return Mutated(sent, result, patch)
+
+
+class Source:
+    """LocustTests in a dict, as a LocustTestSource; replaceable while a handler runs (as the
+    watch replaces them)."""
+
+    def __init__(self, *tests: dict[str, Any]) -> None:
+        self.tests: dict[tuple[str, str], LocustTestInfo] = {}
+        for test in tests:
+            self.put(test)
+
+    def put(self, test: dict[str, Any]) -> None:
+        info = parse_locusttest(test)
+        self.tests[(info.namespace, info.name)] = info
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return len(self.tests)
+
+    def get(self, namespace: str, name: str) -> LocustTestInfo | None:
+        return self.tests.get((namespace, name))
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from typing import Any
 import jsonpatch
 import pytest
 import yaml
-from conftest import validate_pod
+from conftest import Source, validate_pod
 from fixtures import locusttest, operator_pod, review
 from flask.testing import FlaskClient
 from hypothesis import HealthCheck, given, settings
@@ -32,7 +32,6 @@ from server_process import Server, serve
 from webhook.app import create_app
 from webhook.config import MutationSettings
 from webhook.handler import Handler
-from webhook.models import LocustTestInfo, parse_locusttest
 from webhook.review import BadReview
 
 __all__ = ["reliability"]  # the fixture, imported for the tests of this module
@@ -53,31 +52,14 @@ FUZZ = settings(
 )
 
 
-class FixedSource:
-    """The LocustTests above, as a LocustTestSource."""
-
-    def __init__(self) -> None:
-        self.tests = {("default", t["metadata"]["name"]): parse_locusttest(t) for t in TESTS}
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def ready(self) -> bool:
-        return True
-
-    def size(self) -> int:
-        return len(self.tests)
-
-    def get(self, namespace: str, name: str) -> LocustTestInfo | None:
-        return self.tests.get((namespace, name))
+def fixed_source() -> Source:
+    """The LocustTests above."""
+    return Source(*TESTS)
 
 
 @pytest.fixture(scope="module")
 def client() -> FlaskClient:
-    source = FixedSource()
+    source = fixed_source()
     app = create_app(Handler(source, MutationSettings()), source, LIMIT)
     return app.test_client()
 
@@ -375,7 +357,7 @@ def test_fuzzed_reviews_over_https(
 @pytest.fixture(scope="module")
 def remembering() -> Handler:
     """One handler for all examples: its memo fills up with the pods hypothesis draws."""
-    return Handler(FixedSource(), MutationSettings())
+    return Handler(fixed_source(), MutationSettings())
 
 
 def answer_of(handler: Handler, document: Any) -> bytes | str:
@@ -393,7 +375,7 @@ def test_remembered_answers_equal_fresh_ones(
     """The memo answers exactly as mutating anew would, for the pod asked twice and for a pod
     that differs from it only where the mutation never looks (name, managedFields, nodeName)."""
     document, _, _ = case
-    fresh = answer_of(Handler(FixedSource(), MutationSettings()), document)
+    fresh = answer_of(Handler(fixed_source(), MutationSettings()), document)
     assert answer_of(remembering, document) == fresh
     assert answer_of(remembering, document) == fresh
     twin = copy.deepcopy(document)
@@ -405,5 +387,5 @@ def test_remembered_answers_equal_fresh_ones(
         if isinstance(pod.get("spec"), dict):
             pod["spec"]["nodeName"] = node
     assert answer_of(remembering, twin) == answer_of(
-        Handler(FixedSource(), MutationSettings()), twin
+        Handler(fixed_source(), MutationSettings()), twin
     )

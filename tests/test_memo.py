@@ -10,42 +10,13 @@ import json
 from typing import Any
 
 import jsonpatch
-from conftest import validate_pod
+from conftest import Source, validate_pod
 from fixtures import locusttest, operator_pod, review
 
 from webhook.config import MutationSettings
 from webhook.handler import Handler
-from webhook.models import LocustTestInfo, parse_locusttest
 
 ENDPOINT = "http://otel-collector.monitoring:4317"
-
-
-class Source:
-    """LocustTests in a dict, replaceable while the handler runs (as the watch does)."""
-
-    def __init__(self, *tests: dict[str, Any]) -> None:
-        self.tests: dict[tuple[str, str], LocustTestInfo] = {}
-        for test in tests:
-            self.put(test)
-
-    def put(self, test: dict[str, Any]) -> None:
-        info = parse_locusttest(test)
-        self.tests[(info.namespace, info.name)] = info
-
-    def start(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def ready(self) -> bool:
-        return True
-
-    def size(self) -> int:
-        return len(self.tests)
-
-    def get(self, namespace: str, name: str) -> LocustTestInfo | None:
-        return self.tests.get((namespace, name))
 
 
 def admit(handler: Handler, pod: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
