@@ -59,12 +59,16 @@ def operator_pod(
     annotations: dict[str, str] | None = None,
     with_exporter: bool = False,
     workers: int = 2,
+    command: list[str] | None = None,
+    image: str = OPERATOR_IMAGE,
+    config_map: str | None = None,
 ) -> dict[str, Any]:
-    """A master or worker pod as the Job controller sends it for the operator's Job."""
+    """A master or worker pod as the Job controller sends it for the operator's Job. `command`
+    is the LocustTest's command for the role (default: the samples' `--locustfile`)."""
     base = test_name.replace(".", "-")
     pod_name = f"{base}-{role}"
     job_uid = str(uuid.uuid5(uuid.NAMESPACE_DNS, pod_name))
-    args = ["--locustfile", "/lotest/src/locustfile.py", *(extra_args or [])]
+    args = [*(command or ["--locustfile", "/lotest/src/locustfile.py"]), *(extra_args or [])]
     if role == "master":
         args += [
             "--master",
@@ -86,7 +90,7 @@ def operator_pod(
         ports = [{"containerPort": 8080, "name": "worker-p1", "protocol": "TCP"}]
     container: dict[str, Any] = {
         "name": pod_name,
-        "image": OPERATOR_IMAGE,
+        "image": image,
         "imagePullPolicy": "IfNotPresent",
         "args": args,
         "ports": ports,
@@ -150,7 +154,10 @@ def operator_pod(
             "volumes": [
                 {
                     "name": f"{base}-{role}-locustfile",
-                    "configMap": {"name": f"{test_name}-scripts", "defaultMode": 420},
+                    "configMap": {
+                        "name": config_map or f"{test_name}-scripts",
+                        "defaultMode": 420,
+                    },
                 }
             ],
         },

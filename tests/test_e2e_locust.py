@@ -21,7 +21,6 @@ import json
 import shlex
 import signal
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import fixtures
 import jsonpatch
 import kubelet
 import pytest
@@ -78,100 +78,15 @@ def locusttest(name: str, *, master: str, otel: dict[str, Any] | None = None) ->
 
 def operator_pod(test: dict[str, Any], role: str) -> dict[str, Any]:
     """The pod the Job controller submits for the operator's master or worker Job."""
-    name = test["metadata"]["name"]
-    job = f"{name.replace('.', '-')}-{role}"
-    job_uid = str(uuid.uuid4())
     spec = test["spec"]
-    args = shlex.split(spec[role]["command"])
-    if role == "master":
-        args += [
-            "--master",
-            f"--master-port={MASTER_PORT}",
-            f"--expect-workers={spec['worker']['replicas']}",
-            "--autostart",
-            "--autoquit",
-            "60",
-            "--enable-rebalancing",
-            "--only-summary",
-        ]
-        ports = [
-            {"containerPort": MASTER_PORT, "name": "master-p1", "protocol": "TCP"},
-            {"containerPort": MASTER_PORT + 1, "name": "master-p2", "protocol": "TCP"},
-            {"containerPort": 8089, "name": "master-p3", "protocol": "TCP"},
-        ]
-    else:
-        master_service = f"{name.replace('.', '-')}-master"
-        args += ["--worker", f"--master-port={MASTER_PORT}", f"--master-host={master_service}"]
-        ports = [{"containerPort": 8080, "name": "worker-p1", "protocol": "TCP"}]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "generateName": f"{job}-",
-            "labels": {
-                "app": job,
-                "managed-by": "locust-k8s-operator",
-                "performance-test-name": name,
-                "performance-test-pod-name": job,
-                "batch.kubernetes.io/controller-uid": job_uid,
-                "batch.kubernetes.io/job-name": job,
-                "controller-uid": job_uid,
-                "job-name": job,
-            },
-            "ownerReferences": [
-                {
-                    "apiVersion": "batch/v1",
-                    "kind": "Job",
-                    "name": job,
-                    "uid": job_uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
-        "spec": {
-            "containers": [
-                {
-                    "name": job,
-                    "image": spec["image"],
-                    "imagePullPolicy": "IfNotPresent",
-                    "args": args,
-                    "ports": ports,
-                    "resources": {},
-                    "volumeMounts": [{"mountPath": "/lotest/src/", "name": f"{job}-locustfile"}],
-                }
-            ],
-            "restartPolicy": "Never",
-            "volumes": [
-                {
-                    "name": f"{job}-locustfile",
-                    "configMap": {"name": spec["testFiles"]["configMapRef"], "defaultMode": 420},
-                }
-            ],
-        },
-    }
-
-
-def admission_review(pod: dict[str, Any]) -> dict[str, Any]:
-    """The AdmissionReview the API server POSTs for the Job controller's pod CREATE."""
-    return {
-        "apiVersion": "admission.k8s.io/v1",
-        "kind": "AdmissionReview",
-        "request": {
-            "uid": str(uuid.uuid4()),
-            "kind": {"group": "", "version": "v1", "kind": "Pod"},
-            "resource": {"group": "", "version": "v1", "resource": "pods"},
-            "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
-            "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "namespace": NAMESPACE,
-            "operation": "CREATE",
-            "userInfo": {"username": "system:serviceaccount:kube-system:job-controller"},
-            "object": copy.deepcopy(pod),
-            "oldObject": None,
-            "dryRun": False,
-            "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
-        },
-    }
+    return fixtures.operator_pod(
+        test["metadata"]["name"],
+        role,
+        command=shlex.split(spec[role]["command"]),
+        workers=spec["worker"]["replicas"],
+        image=spec["image"],
+        config_map=spec["testFiles"]["configMapRef"],
+    )
 
 
 # ---------------------------------------------------------------- scenarios
@@ -323,7 +238,7 @@ class Outcome:
 
 def admit(server: Server, pod: dict[str, Any]) -> Admitted:
     """POST the review over HTTPS, check the envelope, apply the patch strictly, create the pod."""
-    review = admission_review(pod)
+    review = fixtures.review(pod, NAMESPACE)
     connection = http.client.HTTPSConnection(
         "localhost", server.port, context=server.ssl_context(), timeout=10
     )
