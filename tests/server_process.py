@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import signal
 import socket
@@ -14,6 +16,9 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from fixtures import review
 
 BIN = Path(sys.executable).parent
 
@@ -61,6 +66,49 @@ class Server:
 
     def log(self) -> str:
         return self.log_file.read_text()
+
+    def connection(self, timeout: float = 15.0) -> http.client.HTTPSConnection:
+        """A keep-alive HTTPS connection that trusts the server's CA."""
+        return http.client.HTTPSConnection(
+            "localhost", self.port, context=self.ssl_context(), timeout=timeout
+        )
+
+    def admit(
+        self, pod: dict[str, Any], namespace: str = "default", timeout: float = 15.0
+    ) -> dict[str, Any]:
+        """One admission on a fresh connection: the response, after checking HTTP 200 and
+        the envelope (apiVersion, kind and uid echoed)."""
+        document = review(pod, namespace)
+        conn = self.connection(timeout)
+        try:
+            status, answer = post(conn, document)
+        finally:
+            conn.close()
+        assert status == 200, answer
+        assert answer["apiVersion"] == document["apiVersion"], answer
+        assert answer["kind"] == "AdmissionReview", answer
+        response: dict[str, Any] = answer["response"]
+        assert response["uid"] == document["request"]["uid"], answer
+        return response
+
+
+def post(conn: http.client.HTTPSConnection, document: Any) -> tuple[int, dict[str, Any]]:
+    """POST a document to /mutate on `conn`: the status and the decoded answer ({} if empty)."""
+    conn.request(
+        "POST", "/mutate", body=json.dumps(document), headers={"Content-Type": "application/json"}
+    )
+    answer = conn.getresponse()
+    data = answer.read()
+    return answer.status, json.loads(data) if data else {}
+
+
+def post_review(
+    conn: http.client.HTTPSConnection, pod: dict[str, Any], namespace: str = "default"
+) -> tuple[int, dict[str, Any]]:
+    """POST a pod CREATE review on `conn`: the status and the response (the error body when
+    there is no response)."""
+    status, body = post(conn, review(pod, namespace))
+    return status, dict(body.get("response") or body)
 
 
 def wait_ready(

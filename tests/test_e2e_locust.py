@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import http.client
 import json
 import shlex
 import signal
@@ -189,13 +188,12 @@ class Admitted:
     """A pod through the webhook and the API server, as the kubelet gets it."""
 
     sent: dict[str, Any]
-    review: dict[str, Any]
-    answer: dict[str, Any]
+    response: dict[str, Any]  # the AdmissionReview's response
     pod: dict[str, Any]  # patched, named and scheduled
 
     @property
     def warnings(self) -> list[str]:
-        return list(self.answer["response"].get("warnings") or [])
+        return list(self.response.get("warnings") or [])
 
     @property
     def name(self) -> str:
@@ -238,31 +236,14 @@ class Outcome:
 
 def admit(server: Server, pod: dict[str, Any]) -> Admitted:
     """POST the review over HTTPS, check the envelope, apply the patch strictly, create the pod."""
-    review = fixtures.review(pod, NAMESPACE)
-    connection = http.client.HTTPSConnection(
-        "localhost", server.port, context=server.ssl_context(), timeout=10
-    )
-    try:
-        connection.request(
-            "POST", "/mutate", json.dumps(review), {"Content-Type": "application/json"}
-        )
-        reply = connection.getresponse()
-        body = reply.read()
-    finally:
-        connection.close()
-    assert reply.status == 200, body
-    answer = json.loads(body)
-    response = answer["response"]
-    assert answer["apiVersion"] == "admission.k8s.io/v1"
-    assert answer["kind"] == "AdmissionReview"
-    assert response["uid"] == review["request"]["uid"]
+    response = server.admit(pod, NAMESPACE, timeout=10)
     assert response["allowed"] is True
     patched = copy.deepcopy(pod)
     if "patch" in response:
         assert response["patchType"] == "JSONPatch"
         operations = json.loads(base64.b64decode(response["patch"]))
         patched = jsonpatch.JsonPatch(operations).apply(patched)
-    return Admitted(pod, review, answer, kubelet.create_pod(patched, NAMESPACE))
+    return Admitted(pod, response, kubelet.create_pod(patched, NAMESPACE))
 
 
 def substitute(argv: list[str], replacements: dict[str, str]) -> list[str]:

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures import locusttest, operator_pod, review
+from fixtures import locusttest, operator_pod
 from kubeapi import FakeKubeAPI
 from reliability_summary import Recorder, reliability
-from server_process import Server, serve
+from server_process import Server, post_review, serve
 from test_tls_reload import SecretVolume, certs, fingerprint
 
 from webhook.tls import REQUEST_READ_BUDGET
@@ -47,45 +47,11 @@ def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str
     raise TimeoutError(f"not met within {timeout} s: {what or predicate}")
 
 
-def connection(server: Server, timeout: float = 15.0) -> http.client.HTTPSConnection:
-    return http.client.HTTPSConnection(
-        "localhost", server.port, context=server.ssl_context(), timeout=timeout
-    )
-
-
-def post_review(
-    conn: http.client.HTTPSConnection, pod: dict[str, Any], namespace: str = "default"
-) -> tuple[int, dict[str, Any]]:
-    conn.request(
-        "POST",
-        "/mutate",
-        body=json.dumps(review(pod, namespace)),
-        headers={"Content-Type": "application/json"},
-    )
-    answer = conn.getresponse()
-    data = answer.read()
-    body = json.loads(data) if data else {}
-    return answer.status, dict(body.get("response") or body)
-
-
-def admit(
-    server: Server, pod: dict[str, Any], namespace: str = "default", timeout: float = 15.0
-) -> dict[str, Any]:
-    """One admission on a fresh connection; the response, or AssertionError on non-200."""
-    conn = connection(server, timeout)
-    try:
-        status, response = post_review(conn, pod, namespace)
-    finally:
-        conn.close()
-    assert status == 200, response
-    return response
-
-
 def timed_admit(
     server: Server, pod: dict[str, Any], namespace: str = "default"
 ) -> tuple[float, dict[str, Any]]:
     start = time.monotonic()
-    response = admit(server, pod, namespace)
+    response = server.admit(pod, namespace)
     return time.monotonic() - start, response
 
 
@@ -98,11 +64,11 @@ def warnings_of(response: dict[str, Any]) -> str:
 
 
 def otel_injected(server: Server, name: str, namespace: str = "default") -> bool:
-    return "--otel" in patch_text(admit(server, operator_pod(name, "worker"), namespace))
+    return "--otel" in patch_text(server.admit(operator_pod(name, "worker"), namespace))
 
 
 def get_status(server: Server, path: str) -> int:
-    conn = connection(server, 5)
+    conn = server.connection(5)
     try:
         conn.request("GET", path)
         answer = conn.getresponse()
@@ -121,7 +87,7 @@ def answers(server: Server) -> bool:
 
 
 def metrics_text(server: Server) -> str:
-    conn = connection(server, 5)
+    conn = server.connection(5)
     try:
         conn.request("GET", "/metrics")
         return conn.getresponse().read().decode()
@@ -495,7 +461,7 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
         lock = threading.Lock()
 
         def one() -> None:
-            conn = connection(server, 30)
+            conn = server.connection(30)
             try:
                 result: tuple[int, dict[str, Any]] | Exception = post_review(
                     conn, operator_pod("slow-lookup", "worker")
@@ -557,7 +523,7 @@ def healthy(plain_server: Server) -> Iterator[Server]:
     before = worker_pids(plain_server)
     assert len(before) == WORKERS
     yield plain_server
-    assert is_patched(admit(plain_server, operator_pod("abuse", "worker")))
+    assert is_patched(plain_server.admit(operator_pod("abuse", "worker")))
     assert worker_pids(plain_server) == before, "a worker died"
     assert "Traceback" not in plain_server.log()
 
@@ -715,7 +681,7 @@ def test_many_idle_keep_alive_connections_leave_room_for_new_clients(
     idle: list[http.client.HTTPSConnection] = []
     try:
         for _ in range(300):
-            conn = connection(healthy)
+            conn = healthy.connection()
             status, _ = post_review(conn, pod)
             assert status == 200
             idle.append(conn)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures import locusttest, operator_pod, review
+from fixtures import locusttest, operator_pod
 from kubeapi import FakeKubeAPI
 from server_process import Server, serve
 
@@ -26,24 +26,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
             return
         time.sleep(0.05)
     raise TimeoutError("condition not met in time")
-
-
-def admit(server: Server, pod: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
-    conn = http.client.HTTPSConnection(
-        "localhost", server.port, context=server.ssl_context(), timeout=10
-    )
-    try:
-        conn.request(
-            "POST",
-            "/mutate",
-            body=json.dumps(review(pod, namespace)),
-            headers={"Content-Type": "application/json"},
-        )
-        answer = conn.getresponse()
-        assert answer.status == 200
-        return dict(json.loads(answer.read())["response"])
-    finally:
-        conn.close()
 
 
 def patch_of(response: dict[str, Any]) -> list[dict[str, Any]]:
@@ -79,19 +61,19 @@ def test_locusttests_created_and_changed_after_start_are_used(
 ) -> None:
     api.create(locusttest("early", otel=OTEL))
     with serve(tmp_path, "--workers", "2", env=cluster_env(api, tmp_path)) as server:
-        assert "--otel" in json.dumps(patch_of(admit(server, operator_pod("early", "worker"))))
+        assert "--otel" in json.dumps(patch_of(server.admit(operator_pod("early", "worker"))))
         api.create(locusttest("late", "team-a"))
         wait_until(
             lambda: (
                 "initContainers"
-                in json.dumps(patch_of(admit(server, operator_pod("late", "master"), "team-a")))
+                in json.dumps(patch_of(server.admit(operator_pod("late", "master"), "team-a")))
             )
         )
         api.update(locusttest("late", "team-a", otel=OTEL))
         wait_until(
             lambda: (
                 "--otel"
-                in json.dumps(patch_of(admit(server, operator_pod("late", "master"), "team-a")))
+                in json.dumps(patch_of(server.admit(operator_pod("late", "master"), "team-a")))
             )
         )
         api.delete("team-a", "late")
@@ -99,7 +81,7 @@ def test_locusttests_created_and_changed_after_start_are_used(
             lambda: (
                 "not found"
                 in " ".join(
-                    admit(server, operator_pod("late", "master"), "team-a").get("warnings", [])
+                    server.admit(operator_pod("late", "master"), "team-a").get("warnings", [])
                 )
             )
         )
@@ -110,7 +92,7 @@ def test_lagging_watch_is_covered_by_a_direct_get(api: FakeKubeAPI, tmp_path: Pa
     with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
         api.lag = 30.0
         api.create(locusttest("fresh", otel=OTEL))
-        response = admit(server, operator_pod("fresh", "worker"))
+        response = server.admit(operator_pod("fresh", "worker"))
         assert "--otel" in json.dumps(patch_of(response))
 
 
@@ -130,11 +112,11 @@ def test_expired_watch_relists_and_keeps_serving(api: FakeKubeAPI, tmp_path: Pat
         wait_until(
             lambda: (
                 "--otel"
-                in json.dumps(patch_of(admit(server, operator_pod("after-relist", "worker"))))
+                in json.dumps(patch_of(server.admit(operator_pod("after-relist", "worker"))))
             )
         )
         assert "initContainers" in json.dumps(
-            patch_of(admit(server, operator_pod("stable", "master")))
+            patch_of(server.admit(operator_pod("stable", "master")))
         )
 
 
@@ -149,15 +131,15 @@ def test_api_down_at_start_fails_open_until_the_first_list(
     ) as server:
         wait_until(lambda: _answers(server))
         assert readyz(server) == 503
-        response = admit(server, operator_pod("waiting", "worker"))
+        response = server.admit(operator_pod("waiting", "worker"))
         assert response["allowed"] is True and "patch" not in response
         assert "could not be read" in response["warnings"][0]
         api.start()
         wait_until(lambda: readyz(server) == 200, timeout=45)
-        assert "--otel" in json.dumps(patch_of(admit(server, operator_pod("waiting", "worker"))))
+        assert "--otel" in json.dumps(patch_of(server.admit(operator_pod("waiting", "worker"))))
         api.stop()
         # The last known state keeps serving through an outage.
-        assert "--otel" in json.dumps(patch_of(admit(server, operator_pod("waiting", "master"))))
+        assert "--otel" in json.dumps(patch_of(server.admit(operator_pod("waiting", "master"))))
         assert readyz(server) == 200
 
 
