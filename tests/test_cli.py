@@ -29,6 +29,13 @@ from webhook.config import (
 CLI = str(Path(sys.executable).parent / "locust-webhook")
 
 
+def cli(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+    """Run `locust-webhook ARGS`, output captured as text; `options` go to subprocess.run."""
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, timeout=30, check=False, **options
+    )
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_options(parser, SERVE_OPTIONS)
@@ -87,18 +94,8 @@ def test_bad_settings_name_the_setting(
 
 
 def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [
-            CLI,
-            "serve",
-            "--cert-file",
-            str(tmp_path / "none.crt"),
-            "--key-file",
-            str(tmp_path / "none.key"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    done = cli(
+        "serve", "--cert-file", str(tmp_path / "none.crt"), "--key-file", str(tmp_path / "none.key")
     )
     assert done.returncode == 2
     assert "--cert-file" in done.stderr and "does not exist" in done.stderr
@@ -107,20 +104,14 @@ def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:
 def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
     for name in ("one", "two"):
         make_certs(tmp_path / name)
-    done = subprocess.run(
-        [
-            CLI,
-            "serve",
-            "--cert-file",
-            str(tmp_path / "one" / "tls.crt"),
-            "--key-file",
-            str(tmp_path / "two" / "tls.key"),
-            "--locusttests",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    done = cli(
+        "serve",
+        "--cert-file",
+        str(tmp_path / "one" / "tls.crt"),
+        "--key-file",
+        str(tmp_path / "two" / "tls.key"),
+        "--locusttests",
+        str(tmp_path),
     )
     assert done.returncode == 2
     assert "is not the key of" in done.stderr
@@ -128,18 +119,12 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
 
 def test_serve_without_cluster_or_directory_says_what_to_set(tmp_path: Path) -> None:
     make_certs(tmp_path)
-    done = subprocess.run(
-        [
-            CLI,
-            "serve",
-            "--cert-file",
-            str(tmp_path / "tls.crt"),
-            "--key-file",
-            str(tmp_path / "tls.key"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    done = cli(
+        "serve",
+        "--cert-file",
+        str(tmp_path / "tls.crt"),
+        "--key-file",
+        str(tmp_path / "tls.key"),
         env={"HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "missing")},
     )
     assert done.returncode == 2
@@ -148,13 +133,7 @@ def test_serve_without_cluster_or_directory_says_what_to_set(tmp_path: Path) -> 
 
 
 def test_help_shows_every_setting_with_env_and_default() -> None:
-    done = subprocess.run(
-        [CLI, "serve", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env={"COLUMNS": "400", "PATH": ""},
-    )
+    done = cli("serve", "--help", env={"COLUMNS": "400", "PATH": ""})
     assert done.returncode == 0
     for option in (*SERVE_OPTIONS, *MUTATION_OPTIONS):
         assert option.flag in done.stdout
@@ -166,19 +145,8 @@ def run_inject(
 ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "obj.yaml").write_text(yaml.safe_dump(obj))
     (tmp_path / "lt.yaml").write_text(yaml.safe_dump(test))
-    return subprocess.run(
-        [
-            CLI,
-            "inject",
-            "-f",
-            str(tmp_path / "obj.yaml"),
-            "--locusttest",
-            str(tmp_path / "lt.yaml"),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
+    return cli(
+        "inject", "-f", str(tmp_path / "obj.yaml"), "--locusttest", str(tmp_path / "lt.yaml"), *args
     )
 
 
@@ -210,24 +178,13 @@ def test_inject_a_jobs_pod_template_from_stdin(tmp_path: Path) -> None:
     (tmp_path / "lt.yaml").write_text(
         yaml.safe_dump(locusttest("demo", otel={"enabled": True, "endpoint": "http://c:4317"}))
     )
-    done = subprocess.run(
-        [CLI, "inject", "-f", "-", "--locusttest", str(tmp_path / "lt.yaml"), "-o", "json"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    inject = ("inject", "-f", "-", "--locusttest", str(tmp_path / "lt.yaml"))
+    done = cli(*inject, "-o", "json", input=json.dumps(job))
     assert done.returncode == 0, done.stderr
     mutated = json.loads(done.stdout)
     assert mutated["kind"] == "Job"
     assert "--otel" in mutated["spec"]["template"]["spec"]["containers"][0]["args"]
-    patch = subprocess.run(
-        [CLI, "inject", "-f", "-", "--locusttest", str(tmp_path / "lt.yaml"), "-o", "patch"],
-        input=json.dumps(job),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    patch = cli(*inject, "-o", "patch", input=json.dumps(job))
     assert all(op["path"].startswith("/spec/template/") for op in json.loads(patch.stdout))
 
 
