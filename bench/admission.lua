@@ -1,6 +1,8 @@
 -- wrk script: POST AdmissionReviews to /mutate over keep-alive, cycling the bodies of
--- BENCH_BODIES (one JSON body per line, carrying BENCH-UID-PLACEHOLDER as request.uid, and in
--- the unique-pod mix also in a pod annotation) with a unique uid per request.
+-- BENCH_BODIES (one JSON body per line). BENCH-UID-PLACEHOLDER (request.uid, and in the
+-- unique-pod mix also a pod annotation) becomes a uid of its own per request;
+-- BENCH-START-PLACEHOLDER (a pod annotation in the test-starts mix) becomes a number that is
+-- new on each pass through the bodies, so each pass starts every test anew.
 --
 -- BENCH_RATE unset or 0: closed loop (each connection sends as soon as it has its answer).
 -- BENCH_RATE=R: paced at R requests/s in total, evenly over the threads (run it with one
@@ -23,28 +25,33 @@ local function now_us()
   return tonumber(ts.tv_sec) * 1000000 + tonumber(ts.tv_nsec) / 1000
 end
 
-local PLACEHOLDER = "BENCH-UID-PLACEHOLDER"
+local UID, START = "BENCH-UID-PLACEHOLDER", "BENCH-START-PLACEHOLDER"
 local rate = tonumber(os.getenv("BENCH_RATE") or "0") or 0
 local bodies_file = os.getenv("BENCH_BODIES")
 local headers = { ["Content-Type"] = "application/json", ["Connection"] = "keep-alive" }
 
-local pieces, count = {}, 0
+-- bodies[k]: the text between placeholders (parts) and which placeholder follows each (slots)
+local bodies, count = {}, 0
 local function load_bodies()
   local file = assert(io.open(bodies_file, "rb"), "BENCH_BODIES: cannot open " .. tostring(bodies_file))
   for line in file:lines() do
     if #line > 0 then
-      -- Split at every placeholder: a body may carry it twice (uid and a pod annotation).
-      local parts, from = {}, 1
+      local parts, slots, from, has_uid = {}, {}, 1, false
       while true do
-        local at = string.find(line, PLACEHOLDER, from, true)
+        local at_uid = string.find(line, UID, from, true)
+        local at_start = string.find(line, START, from, true)
+        local at, slot = at_uid, UID
+        if at_start ~= nil and (at == nil or at_start < at) then at, slot = at_start, START end
         if at == nil then break end
         parts[#parts + 1] = string.sub(line, from, at - 1)
-        from = at + #PLACEHOLDER
+        slots[#slots + 1] = slot
+        has_uid = has_uid or slot == UID
+        from = at + #slot
       end
-      assert(#parts > 0, "a body has no uid placeholder")
+      assert(has_uid, "a body has no uid placeholder")
       parts[#parts + 1] = string.sub(line, from)
       count = count + 1
-      pieces[count] = parts
+      bodies[count] = { parts = parts, slots = slots }
     end
   end
   file:close()
@@ -60,7 +67,7 @@ function setup(thread)
 end
 
 -- per-thread state
-local sent = 0
+local sent, pass = 0, 0
 local interval, next_slot, pending, start = 0, nil, nil, nil
 lats, nlat, bad = {}, 0, 0
 
@@ -76,15 +83,25 @@ function init(args)
 end
 
 function request()
-  sent = sent + 1
   local k = (sent % count) + 1
-  local uid = string.format("%08x-0000-4000-8000-%012x", id, sent)
+  if k == 1 then pass = pass + 1 end
+  sent = sent + 1
+  local values = {
+    [UID] = string.format("%08x-0000-4000-8000-%012x", id, sent),
+    [START] = string.format("%d-%d", id, pass),
+  }
+  local body, out = bodies[k], {}
+  for i, slot in ipairs(body.slots) do
+    out[2 * i - 1] = body.parts[i]
+    out[2 * i] = values[slot]
+  end
+  out[#out + 1] = body.parts[#body.parts]
   if rate > 0 then
     local t = now_us()
     if pending ~= nil and pending < t then start = pending else start = t end
     pending = nil
   end
-  return wrk.format("POST", "/mutate", headers, table.concat(pieces[k], uid))
+  return wrk.format("POST", "/mutate", headers, table.concat(out))
 end
 
 if rate > 0 then

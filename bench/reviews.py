@@ -137,6 +137,30 @@ def load_mix(per_kind: int = 10, unique_pods: bool = False) -> list[tuple[str, b
     return mix
 
 
+START_PLACEHOLDER = "BENCH-START-PLACEHOLDER"
+START_ANNOTATION = "bench.locust.io/start"
+
+
+def test_starts(per_kind: int = 10, workers: int = 20) -> list[tuple[str, bytes]]:
+    """(kind, body): load tests starting, as the operator's two Jobs create their pods: for
+    each of `otel-<i>` and `plain-<i>`, the master pod, then `workers` identical worker pods.
+    Every pod carries START_PLACEHOLDER in an annotation, which the wrk script replaces with a
+    number that changes on each pass through the list: every pass starts every test anew, so
+    its master and first worker are new to the webhook and the other workers are not."""
+    mix = []
+    for i in range(per_kind):
+        for prefix, kind in (("otel", "otel"), ("plain", "exporter")):
+            test = f"{prefix}-{i}"
+            for role, count in (("master", 1), ("worker", workers)):
+                pod = with_managed_fields(operator_pod(test, role, workers=workers))
+                pod["metadata"].setdefault("annotations", {})[START_ANNOTATION] = START_PLACEHOLDER
+                label = (
+                    "plain-worker" if (kind, role) == ("exporter", "worker") else f"{kind}-{role}"
+                )
+                mix.extend([(label, body(pod))] * count)
+    return mix
+
+
 def _filler_container(index: int) -> dict[str, Any]:
     return {
         "name": f"sidecar-{index}",

@@ -8,6 +8,7 @@ import http.client
 import json
 import socket
 import ssl
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,11 @@ import jsonpatch
 import pytest
 import yaml
 from conftest import validate_pod
+from e2e_support import wait_until
 from fixtures import locusttest, operator_pod, review
 from server_process import Server, serve
+
+from webhook.logs import FLUSH_SECONDS
 
 ENDPOINT = "http://otel-collector.monitoring:4317"
 TESTS = [
@@ -332,9 +336,15 @@ def test_one_structured_log_line_per_admission(
 ) -> None:
     request = review(operator_pod("otel-test", "master"), uid="log-line-uid")
     admit(conn, request)
-    lines = [json.loads(line) for line in server.log().splitlines() if "log-line-uid" in line]
-    assert len(lines) == 1
-    assert {k: lines[0][k] for k in ("namespace", "pod", "locusttest", "role", "outcome")} == {
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in server.log().splitlines() if "log-line-uid" in line]
+
+    # Admission lines are written in batches, at most FLUSH_SECONDS after the answer.
+    wait_until(lines, timeout=5, what="the admission's log line")
+    time.sleep(3 * FLUSH_SECONDS)
+    assert len(lines()) == 1
+    assert {k: lines()[0][k] for k in ("namespace", "pod", "locusttest", "role", "outcome")} == {
         "namespace": "default",
         "pod": "otel-test-master-",
         "locusttest": "otel-test",

@@ -62,6 +62,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
 
         def post_worker_init(_worker: Any) -> None:
             tls.publish()
+            logs.LINES.start()
             # Objects alive after start-up (modules, app, cache) never become garbage: keep
             # them out of the collector, and collect young objects less often. A full
             # collection over them paused requests for 14-20 ms (the p99 at load).
@@ -72,6 +73,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         def worker_exit(_server: Any, _worker: Any) -> None:
             if self.source is not None:
                 self.source.stop()
+            logs.LINES.stop()
 
         def child_exit(_server: Any, worker: Any) -> None:
             from prometheus_client import multiprocess

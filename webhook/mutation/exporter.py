@@ -109,6 +109,9 @@ def _exporter_ports(pod: Pod) -> set[str]:
 def remove_metrics_exporter(pod: Pod, settings: MutationSettings) -> tuple[Pod, list[str]]:
     """Drop the exporter container/init container and the scrape annotations aimed at it."""
     removed: list[str] = []
+    port = pod_annotations(pod).get(PORT)
+    if port is None and not has_exporter(pod):
+        return pod, removed
     ports = _exporter_ports(pod) | {str(settings.exporter_port)}
     result = pod
     for field in FIELDS:
@@ -120,7 +123,7 @@ def remove_metrics_exporter(pod: Pod, settings: MutationSettings) -> tuple[Pod, 
         result = with_spec_field(result, field, kept if kept or field == "containers" else None)
         removed.append(f"{field}:{EXPORTER_NAME}")
     current = pod_annotations(result)
-    if current.get(PORT) in ports:
+    if port in ports:
         present = [key for key in SCRAPE_KEYS if key in current]
         result = with_annotations(result, dict.fromkeys(present))
         removed.extend(f"annotation:{key}" for key in present)

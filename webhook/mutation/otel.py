@@ -21,22 +21,22 @@ def parse_attributes(raw: str) -> dict[str, str]:
     return {key.strip(): value.strip() for key, value in pairs if key.strip()}
 
 
-def _service_name(test: LocustTestInfo, extra: dict[str, str], container: Container) -> str:
+def _service_name(test: LocustTestInfo, user_attributes: str | None, container: Container) -> str:
     attributes = env_value(container, RESOURCE_ATTRIBUTES)
     if attributes is None:
-        attributes = extra.get(RESOURCE_ATTRIBUTES, "")
+        attributes = user_attributes or ""
     return parse_attributes(attributes).get("service.name") or test.name
 
 
-def _resource_attributes(
-    user: str, namespace: str, test: LocustTestInfo, role: Role
-) -> tuple[str, bool]:
+# The pods of a test share these: computed once per test (and namespace and role), not per pod.
+@functools.lru_cache(maxsize=4096)
+def _resource_attributes(user: str, namespace: str, test_name: str, role: Role) -> tuple[str, bool]:
     """The user's attributes with the k8s ones they did not set appended; and whether the
     pod-name variable is referenced."""
     ours = {
         "k8s.namespace.name": namespace,
         "k8s.pod.name": f"$({POD_NAME_VAR})",
-        "locust.test.name": test.name,
+        "locust.test.name": test_name,
     }
     if role != "unknown":
         ours["locust.role"] = role
@@ -46,16 +46,10 @@ def _resource_attributes(
     return merged, "k8s.pod.name" not in taken
 
 
-def desired_env(
-    spec: OtelSpec,
-    test: LocustTestInfo,
-    container: Container,
-    namespace: str,
-    target: Target,
-    enrich: bool,
-) -> list[dict[str, object]]:
-    """The OTel env vars the container should end with, in SPEC order (before filtering out
-    the names it already defines)."""
+@functools.lru_cache(maxsize=4096)
+def _spec_env(spec: OtelSpec) -> tuple[tuple[tuple[str, str], ...], str | None]:
+    """The env vars the spec asks for, in SPEC order, and the user's OTEL_RESOURCE_ATTRIBUTES
+    (from extraEnvVars; merged per pod)."""
     extra = dict(spec.extra_env)
     wanted: dict[str, str] = {
         "OTEL_TRACES_EXPORTER": "otlp",
@@ -72,8 +66,23 @@ def desired_env(
             wanted[key] = extra.pop(key)
     user_attributes = extra.pop(RESOURCE_ATTRIBUTES, None)
     wanted.update(extra)
+    return tuple(wanted.items()), user_attributes
+
+
+def desired_env(
+    spec: OtelSpec,
+    test: LocustTestInfo,
+    container: Container,
+    namespace: str,
+    target: Target,
+    enrich: bool,
+) -> list[dict[str, object]]:
+    """The OTel env vars the container should end with, in SPEC order (before filtering out
+    the names it already defines)."""
+    standard, user_attributes = _spec_env(spec)
+    wanted = dict(standard)
     if SERVICE_NAME not in wanted and env_value(container, SERVICE_NAME) is None:
-        wanted[SERVICE_NAME] = _service_name(test, dict(spec.extra_env), container)
+        wanted[SERVICE_NAME] = _service_name(test, user_attributes, container)
     if target.shell:
         wanted[ENABLE_VAR] = "true"
     env: list[dict[str, object]] = [{"name": k, "value": v} for k, v in wanted.items()]
@@ -81,7 +90,7 @@ def desired_env(
         return env
     if enrich:
         merged, needs_pod_name = _resource_attributes(
-            user_attributes or "", namespace, test, target.role
+            user_attributes or "", namespace, test.name, target.role
         )
         if needs_pod_name:
             env.append(
