@@ -72,7 +72,7 @@ def test_concurrent_writers_lose_no_line_and_keep_each_threads_order(
         assert [r["n"] for r in records if r["thread"] == thread] == list(range(2000))
 
 
-def test_batches_are_whole_lines_within_pipe_buf_and_written_when_full() -> None:
+def test_lines_wait_for_a_flush_then_go_in_whole_batches_within_pipe_buf() -> None:
     # A message socket keeps each write(2) apart, so the batches can be seen one by one.
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     theirs.setblocking(False)
@@ -83,12 +83,25 @@ def test_batches_are_whole_lines_within_pipe_buf_and_written_when_full() -> None
             buffer.write(item)
         before_flush = receive_all(theirs)
         buffer.flush()
-        after_flush = receive_all(theirs)
-    assert len(before_flush) >= 3  # ~16 KB of lines: full batches went out without a flush
-    assert len(after_flush) == 1
-    batches = before_flush + after_flush
+        batches = receive_all(theirs)
+    assert before_flush == []  # no write(2) on the request's path
+    assert len(batches) >= 4  # ~17 KB of lines
     assert all(0 < len(b) <= select.PIPE_BUF and b.endswith(b"\n") for b in batches)
     assert b"".join(batches) == b"".join(sent)
+
+
+def test_past_the_high_water_mark_the_writer_flushes_itself(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("webhook.logs.HIGH_WATER", 10)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    theirs.setblocking(False)
+    with ours, theirs:
+        buffer = LineBuffer(ours.fileno())
+        for n in range(25):
+            buffer.write(line(0, n))
+        written = b"".join(receive_all(theirs))
+    assert written == b"".join(line(0, n) for n in range(20))
 
 
 def receive_all(sock: socket.socket) -> list[bytes]:

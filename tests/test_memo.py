@@ -91,3 +91,26 @@ def test_a_full_memo_is_emptied_and_still_answers(monkeypatch: Any) -> None:
         pod = operator_pod("demo", "worker", extra_args=["-u", str(index)])
         assert "--otel" in admit(handler, pod)["pod"]["spec"]["containers"][0]["args"]
         assert 1 <= len(handler._memo) <= 3
+
+
+def test_large_pods_are_remembered_by_digest_and_told_apart() -> None:
+    handler = Handler(Source(locusttest("demo", otel={"enabled": True})), MutationSettings())
+    worker = operator_pod("demo", "worker")
+    worker["spec"]["containers"][0]["env"] = [
+        {"name": f"SETTING_{i:03d}", "value": "x" * 40} for i in range(100)
+    ]
+    twin = copy.deepcopy(worker)
+    twin["spec"]["containers"][0]["env"][-1]["value"] = "y"
+    twin["spec"]["containers"][0]["env"].append({"name": "OTEL_SERVICE_NAME", "value": "mine"})
+    first, again, other = admit(handler, worker), admit(handler, worker), admit(handler, twin)
+    assert [len(key[2]) for key in handler._memo] == [16, 16]  # digests, not the 6 KB encodings
+    assert again["ops"] == first["ops"]
+    assert env_of(first)["OTEL_SERVICE_NAME"] == "demo"
+    assert env_of(other)["OTEL_SERVICE_NAME"] == "mine"
+
+
+def test_small_pods_are_their_own_key() -> None:
+    handler = Handler(Source(locusttest("demo", otel={"enabled": True})), MutationSettings())
+    admit(handler, operator_pod("demo", "worker"))
+    (key,) = handler._memo
+    assert 16 < len(key[2]) <= 4096

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
 import logging.config
 import os
@@ -17,11 +18,16 @@ from gunicorn.glogging import Logger
 RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
+_second: tuple[int, str] = (0, "")
+
+
 def _timestamp(created: float) -> str:
-    return (
-        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-        + f".{int(created % 1 * 1000):03d}Z"
-    )
+    global _second
+    second, text = _second
+    if int(created) != second:  # formatted once a second, not once a line
+        second, text = int(created), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        _second = (second, text)
+    return f"{text}.{int(created % 1 * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,44 +48,50 @@ class JsonFormatter(logging.Formatter):
 
 ADMISSION = logging.getLogger("webhook.admission")
 FLUSH_SECONDS = 0.1
+HIGH_WATER = 4096  # lines (~1.2 MB)
 
 
 class LineBuffer:
-    """Lines gathered in memory and written in batches of at most PIPE_BUF bytes: every
-    FLUSH_SECONDS by `start()`'s thread, at once when a batch is full, and on `flush()`.
+    """Lines queued in memory and written by `start()`'s thread every FLUSH_SECONDS, in
+    batches of at most PIPE_BUF bytes; by the writer itself when HIGH_WATER lines wait.
 
     A write(2) per admission, and the wake-up of whoever reads the pipe behind stderr (the
-    container runtime), cost more than the rest of an answer from the memo. Batches up to
-    PIPE_BUF reach a pipe whole, so lines of the workers sharing it never interleave; the lock
-    keeps them in order. Lines are at most FLUSH_SECONDS late; workers flush on their way out.
+    container runtime), cost more than the rest of an answer from the memo; so does a lock
+    that request threads would queue on while a batch is written. Appending to the deque
+    needs no lock; the write lock keeps the batches in order. Batches up to PIPE_BUF reach a
+    pipe whole, so the lines of the workers sharing it never interleave. Lines are at most
+    FLUSH_SECONDS late; workers flush on their way out.
     """
 
     def __init__(self, fd: int = 2) -> None:
         self._fd = fd
-        self._lock = threading.Lock()
-        self._lines: list[bytes] = []
-        self._size = 0
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._write_lock = threading.Lock()
         self._stopped = threading.Event()
 
     def write(self, line: bytes) -> None:
-        with self._lock:
-            if self._lines and self._size + len(line) > select.PIPE_BUF:
-                self._write_out()
-            self._lines.append(line)
-            self._size += len(line)
+        self._queue.append(line)
+        if len(self._queue) >= HIGH_WATER:  # the flusher is behind (a slow reader): help it
+            self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            self._write_out()
+        with self._write_lock:
+            batch: list[bytes] = []
+            size = 0
+            while self._queue:
+                line = self._queue.popleft()
+                if batch and size + len(line) > select.PIPE_BUF:
+                    self._write(b"".join(batch))
+                    batch, size = [], 0
+                batch.append(line)
+                size += len(line)
+            if batch:
+                self._write(b"".join(batch))
 
-    def _write_out(self) -> None:
-        if not self._lines:
-            return
-        data = memoryview(b"".join(self._lines))
-        self._lines.clear()
-        self._size = 0
-        while data:
-            data = data[os.write(self._fd, data) :]
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
 
     def start(self) -> None:
         """Flush every FLUSH_SECONDS until `stop()`, from a daemon thread."""

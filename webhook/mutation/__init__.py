@@ -70,6 +70,9 @@ def _job_note(pod: Pod, test: LocustTestInfo, role: Role) -> list[str]:
     return []
 
 
+INLINE_FINGERPRINT = 4096
+
+
 def fingerprint(pod: Pod) -> bytes | None:
     """A digest of every part of the pod that `mutate` reads or edits, with whether each is
     present (an absent field and a null one patch differently): two pods with the same
@@ -87,6 +90,11 @@ def fingerprint(pod: Pod) -> bytes | None:
         encoded = orjson.dumps(read)
     except TypeError:
         return None
+    # A typical pod's are ~1.2 KB: the bytes themselves are the key (hashing them costs more
+    # than the dict's own hash and compare); larger ones are digested to keep the memo small.
+    # Digests are 16 bytes, shorter than any encoding: the two kinds never meet.
+    if len(encoded) <= INLINE_FINGERPRINT:
+        return encoded
     return hashlib.blake2b(encoded, digest_size=16).digest()
 
 
