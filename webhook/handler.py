@@ -27,9 +27,9 @@ from .review import (
 )
 
 log = logging.getLogger("webhook.admission")
-# Answers remembered per worker (~2.5 KB each for a typical pod: ~0.6 MB when full). A test
-# start is a burst of pods of two shapes (master, worker), so 256 covers 128 tests starting at
-# once; when full the memo is emptied and refills on the next pod of each shape.
+# Answers remembered per worker (~3.7 KB each for a typical pod, key included: ~1 MB when
+# full). A test start is a burst of pods of two shapes (master, worker), so 256 covers 128 tests
+# starting at once; when full the memo is emptied and refills on the next pod of each shape.
 MEMO_SIZE = 256
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import logging
 import logging.config
 import os
@@ -98,7 +99,10 @@ class LineBuffer:
 
         def run() -> None:
             while not self._stopped.wait(FLUSH_SECONDS):
-                self.flush()
+                # stderr gone (EPIPE, EBADF) leaves nowhere to say so; keep the thread alive
+                # so that the queue keeps draining if it comes back.
+                with contextlib.suppress(OSError):
+                    self.flush()
 
         threading.Thread(target=run, name="log-flush", daemon=True).start()
 

@@ -74,7 +74,7 @@ INLINE_FINGERPRINT = 4096
 
 
 def fingerprint(pod: Pod) -> bytes | None:
-    """A digest of every part of the pod that `mutate` reads or edits, with whether each is
+    """A key for every part of the pod that `mutate` reads or edits, with whether each is
     present (an absent field and a null one patch differently): two pods with the same
     fingerprint get the same patch from the same LocustTest, namespace and settings. The pods
     of one Job are identical, so a test's workers are mutated once. None when the pod cannot be
