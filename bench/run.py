@@ -249,8 +249,8 @@ MIXES = {
         tuple(x for x in SCENARIOS if x.name in ("c1", "c8", "c32", "r1000")),
     ),
 }
-MIX_BODIES = {
-    "starts": lambda: reviews.test_starts(),
+MIX_BODIES: dict[str, Callable[[], list[tuple[str, bytes]]]] = {
+    "starts": reviews.test_starts,
     "unique": lambda: reviews.load_mix(unique_pods=True),
 }
 

@@ -24,14 +24,18 @@ def pipe() -> Iterator[tuple[int, int]]:
     os.close(write_end)
 
 
-def drain(fd: int) -> bytes:
+def reads(fd: int) -> list[bytes]:
+    """What can be read now, one read(2) at a time (on a message socket: one write each)."""
     chunks = []
     while True:
         try:
-            chunk = os.read(fd, 1 << 16)
+            chunks.append(os.read(fd, 1 << 16))
         except BlockingIOError:
-            return b"".join(chunks)
-        chunks.append(chunk)
+            return chunks
+
+
+def drain(fd: int) -> bytes:
+    return b"".join(reads(fd))
 
 
 def line(thread: int, number: int) -> bytes:
@@ -72,18 +76,27 @@ def test_concurrent_writers_lose_no_line_and_keep_each_threads_order(
         assert [r["n"] for r in records if r["thread"] == thread] == list(range(2000))
 
 
-def test_lines_wait_for_a_flush_then_go_in_whole_batches_within_pipe_buf() -> None:
-    # A message socket keeps each write(2) apart, so the batches can be seen one by one.
+@pytest.fixture
+def messages() -> Iterator[tuple[int, int]]:
+    """(read end, write end) of a message socket: each write(2) stays a message of its own, so
+    the batches can be seen one by one."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     theirs.setblocking(False)
     with ours, theirs:
-        buffer = LineBuffer(ours.fileno())
-        sent = [line(0, n) for n in range(100)]
-        for item in sent:
-            buffer.write(item)
-        before_flush = receive_all(theirs)
-        buffer.flush()
-        batches = receive_all(theirs)
+        yield theirs.fileno(), ours.fileno()
+
+
+def test_lines_wait_for_a_flush_then_go_in_whole_batches_within_pipe_buf(
+    messages: tuple[int, int],
+) -> None:
+    read_end, write_end = messages
+    buffer = LineBuffer(write_end)
+    sent = [line(0, n) for n in range(100)]
+    for item in sent:
+        buffer.write(item)
+    before_flush = reads(read_end)
+    buffer.flush()
+    batches = reads(read_end)
     assert before_flush == []  # no write(2) on the request's path
     assert len(batches) >= 4  # ~17 KB of lines
     assert all(0 < len(b) <= select.PIPE_BUF and b.endswith(b"\n") for b in batches)
@@ -91,26 +104,14 @@ def test_lines_wait_for_a_flush_then_go_in_whole_batches_within_pipe_buf() -> No
 
 
 def test_past_the_high_water_mark_the_writer_flushes_itself(
-    monkeypatch: pytest.MonkeyPatch,
+    messages: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("webhook.logs.HIGH_WATER", 10)
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    theirs.setblocking(False)
-    with ours, theirs:
-        buffer = LineBuffer(ours.fileno())
-        for n in range(25):
-            buffer.write(line(0, n))
-        written = b"".join(receive_all(theirs))
-    assert written == b"".join(line(0, n) for n in range(20))
-
-
-def receive_all(sock: socket.socket) -> list[bytes]:
-    messages = []
-    while True:
-        try:
-            messages.append(sock.recv(1 << 16))
-        except BlockingIOError:
-            return messages
+    read_end, write_end = messages
+    buffer = LineBuffer(write_end)
+    for n in range(25):
+        buffer.write(line(0, n))
+    assert drain(read_end) == b"".join(line(0, n) for n in range(20))
 
 
 def test_the_flusher_writes_waiting_lines_within_the_flush_interval(
