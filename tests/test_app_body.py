@@ -1,0 +1,84 @@
+"""How POST /mutate reads its body, at the WSGI level: the framings a server hands the app
+that a well-behaved client over HTTPS cannot produce (the HTTPS cases are in test_http)."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from conftest import Source
+from fixtures import locusttest, operator_pod, review
+from flask import Flask
+from werkzeug.test import create_environ
+
+from webhook.app import create_app
+from webhook.config import MutationSettings
+from webhook.handler import Handler
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def app() -> Flask:
+    source = Source(locusttest("otel-test", otel={"enabled": True}))
+    return create_app(Handler(source, MutationSettings()), source, LIMIT)
+
+
+def call(app: Flask, body: bytes, **environ: Any) -> tuple[int, dict[str, Any]]:
+    env = create_environ("/mutate", method="POST", content_type="application/json")
+    env["wsgi.input"] = io.BytesIO(body)
+    env.update(environ)
+    status: list[str] = []
+    chunks = app(env, lambda s, _h, _e=None: status.append(s))
+    data = b"".join(chunks)
+    return int(status[0].split()[0]), json.loads(data)
+
+
+BODY = json.dumps(review(operator_pod("otel-test", "master"))).encode()
+
+
+def test_a_body_with_its_length_is_answered(app: Flask) -> None:
+    status, answer = call(app, BODY, CONTENT_LENGTH=str(len(BODY)))
+    assert status == 200
+    assert answer["response"]["patchType"] == "JSONPatch"
+
+
+def test_a_body_shorter_than_its_length_is_refused(app: Flask) -> None:
+    status, answer = call(app, BODY[:100], CONTENT_LENGTH=str(len(BODY)))
+    assert status == 400
+    assert answer["error"] == f"the body ended after 100 of its {len(BODY)} bytes"
+
+
+def test_bytes_past_the_length_are_not_read(app: Flask) -> None:
+    stream = io.BytesIO(BODY + b"GET /next HTTP/1.1\r\n")
+    status, _ = call(app, b"", CONTENT_LENGTH=str(len(BODY)), **{"wsgi.input": stream})
+    assert status == 200
+    assert stream.read() == b"GET /next HTTP/1.1\r\n"
+
+
+def test_a_terminated_body_without_length_is_read_up_to_the_limit(app: Flask) -> None:
+    status, answer = call(app, BODY, **{"wsgi.input_terminated": True})
+    assert status == 200, answer
+    status, answer = call(app, b" " * (LIMIT + 1), **{"wsgi.input_terminated": True})
+    assert status == 413
+    assert answer["error"] == f"body is over the limit of {LIMIT} bytes"
+
+
+def test_a_body_neither_sized_nor_terminated_is_not_read(app: Flask) -> None:
+    stream = io.BytesIO(BODY)
+    status, answer = call(app, b"", **{"wsgi.input": stream})
+    assert status == 400
+    assert answer["error"] == "empty body: expected an AdmissionReview"
+    assert stream.tell() == 0
+
+
+def test_a_content_type_with_parameters_is_json(app: Flask) -> None:
+    status, _ = call(
+        app, BODY, CONTENT_LENGTH=str(len(BODY)), CONTENT_TYPE="application/json; charset=utf-8"
+    )
+    assert status == 200
+    status, answer = call(app, BODY, CONTENT_LENGTH=str(len(BODY)), CONTENT_TYPE="text/plain")
+    assert status == 415
+    assert answer["error"] == "Content-Type must be application/json"
