@@ -343,8 +343,9 @@ def test_one_structured_log_line_per_admission(
     # Admission lines are written in batches, at most FLUSH_SECONDS after the answer.
     wait_until(lines, timeout=5, what="the admission's log line")
     time.sleep(3 * FLUSH_SECONDS)
-    assert len(lines()) == 1
-    assert {k: lines()[0][k] for k in ("namespace", "pod", "locusttest", "role", "outcome")} == {
+    found = lines()
+    assert len(found) == 1, found
+    assert {k: found[0][k] for k in ("namespace", "pod", "locusttest", "role", "outcome")} == {
         "namespace": "default",
         "pod": "otel-test-master-",
         "locusttest": "otel-test",

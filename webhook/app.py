@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from flask import Flask, Response, request
 from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.wsgi import get_content_length
 
 from . import metrics
 from .handler import Handler
@@ -28,7 +29,7 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes | Response:
     """The request body, or the error response when it is too large or unreadable. Chunked
     bodies carry no Content-Length, so the limit is enforced while reading. Read from the
     server's stream itself: werkzeug's wrappers around it cost more than the read."""
-    length = request.content_length
+    length = get_content_length(environ)
     if length is not None and length > limit:
         return _error(413, f"body of {length} bytes is over the limit of {limit} bytes")
     if length is None and not environ.get("wsgi.input_terminated"):
