@@ -59,6 +59,7 @@ class Span:
     resource: Attributes
     scope: str
     attributes: Attributes
+    status: int = 0  # OTLP Status.code: 0 unset, 1 ok, 2 error
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,9 @@ def decode_traces(
         resource = attributes(rs.resource.attributes)
         resources.append(resource)
         for ss in rs.scope_spans:
+            scope = ss.scope.name
             spans += [
-                Span(s.name, s.kind, resource, ss.scope.name, attributes(s.attributes))
+                Span(s.name, s.kind, resource, scope, attributes(s.attributes), s.status.code)
                 for s in ss.spans
             ]
     return Export(transport, "traces", tuple(resources), spans=tuple(spans))
