@@ -67,6 +67,17 @@ class Server:
     def log(self) -> str:
         return self.log_file.read_text()
 
+    def workers(self, count: int, timeout: float = 30.0) -> set[int]:
+        """The gunicorn workers (the serve process's children), once `count` are forked: one
+        ready worker makes the server ready, the others may still be on their way."""
+        listing = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        deadline = time.monotonic() + timeout
+        while True:
+            children = {int(child) for child in listing.read_text().split()}
+            if len(children) >= count or time.monotonic() > deadline:
+                return children
+            time.sleep(0.05)
+
     def connection(self, timeout: float = 15.0) -> http.client.HTTPSConnection:
         """A keep-alive HTTPS connection that trusts the server's CA."""
         return http.client.HTTPSConnection(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 import json
 import logging
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -182,6 +184,31 @@ def test_watch_sees_created_updated_and_deleted_locusttests(
     assert source.get("default", "load-a") is None
     assert metric("locust_webhook_lookups_total", result="direct_get") == lookups
     assert len(api.lists()) == 1
+
+
+def test_locusttests_with_the_same_otel_settings_share_one_spec_until_none_uses_it(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    for name in ("load-a", "load-b"):
+        api.create(locusttest(name, endpoint="http://shared:4317"))
+    api.create(locusttest("load-c", endpoint="http://own:4317"))
+    source = make_source(lookup_timeout=0.2)
+    wait_until(lambda: source.size() == 3)
+    a, b, c = (source.get("default", n) for n in ("load-a", "load-b", "load-c"))
+    assert a is not None and b is not None and c is not None
+    assert a.otel is b.otel and a.otel is not None
+    assert c.otel is not None and c.otel is not a.otel and c.otel.endpoint == "http://own:4317"
+    shared = weakref.ref(a.otel)
+    del a, b, c
+    # Once no cached LocustTest uses the settings, nothing keeps them.
+    api.update(locusttest("load-a", endpoint="http://own:4317"))
+    api.delete("default", "load-b")
+    wait_until(lambda: source.size() == 2)
+    moved, own = source.get("default", "load-a"), source.get("default", "load-c")
+    assert moved is not None and own is not None and moved.otel is own.otel
+    del moved, own
+    gc.collect()
+    assert shared() is None
 
 
 def test_bookmarks_move_the_resource_version_so_a_reconnect_needs_no_relist(

@@ -14,7 +14,6 @@ import copy
 import http.client
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import jsonpatch
@@ -316,15 +315,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def workers(server: Server) -> set[int]:
-    pid = server.process.pid
-    return set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+    return server.workers(2)
 
 
 @settings(max_examples=60, deadline=10_000, suppress_health_check=list(HealthCheck))
 @given(case=reviews(), truncate=st.booleans())
 def test_fuzzed_reviews_over_https(
     server: Server,
-    workers: set[str],
+    workers: set[int],
     reliability: Recorder,
     case: tuple[dict[str, Any], Any, bool],
     truncate: bool,
@@ -347,8 +345,7 @@ def test_fuzzed_reviews_over_https(
         assert status == 400, data[:200]
     else:
         check_answer(status, data, document, pod, valid and is_valid_pod(pod))
-    pid = server.process.pid
-    assert set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()) == workers
+    assert server.workers(2, timeout=0) == workers
 
 
 # -- the memo of identical pods --------------------------------------------------------------

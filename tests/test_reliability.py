@@ -95,13 +95,6 @@ def metrics_text(server: Server) -> str:
         conn.close()
 
 
-def worker_pids(server: Server) -> set[int]:
-    """The gunicorn workers: the serve process's children."""
-    pid = server.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return {int(child) for child in children}
-
-
 def cluster_env(api: FakeKubeAPI, tmp_path: Path) -> dict[str, str]:
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     return {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": ""}
@@ -520,11 +513,11 @@ def plain_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 @pytest.fixture
 def healthy(plain_server: Server) -> Iterator[Server]:
     """The shared server; after the test, the same workers still answer admissions."""
-    before = worker_pids(plain_server)
+    before = plain_server.workers(WORKERS)
     assert len(before) == WORKERS
     yield plain_server
     assert is_patched(plain_server.admit(operator_pod("abuse", "worker")))
-    assert worker_pids(plain_server) == before, "a worker died"
+    assert plain_server.workers(WORKERS, timeout=0) == before, "a worker died"
     assert "Traceback" not in plain_server.log()
 
 

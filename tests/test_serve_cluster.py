@@ -88,6 +88,29 @@ def test_locusttests_created_and_changed_after_start_are_used(
         assert all(r.headers.get("authorization") == f"Bearer {api.token}" for r in api.requests)
 
 
+def test_metrics_are_the_workers_alone(api: FakeKubeAPI, tmp_path: Path) -> None:
+    """The master imports the workers' modules before forking; it must not write metrics of its
+    own (its 0 would hold the `livemin` gauge cache_synced at 0 for good)."""
+    api.create(locusttest("early", otel=OTEL))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**cluster_env(api, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    with serve(tmp_path, "--workers", "2", env=env) as server:
+
+        def metrics() -> str:
+            conn = server.connection()
+            try:
+                conn.request("GET", "/metrics")
+                return conn.getresponse().read().decode()
+            finally:
+                conn.close()
+
+        wait_until(lambda: "locust_webhook_cache_synced 1.0" in metrics())
+        assert "locust_webhook_locusttests_cached 1.0" in metrics()
+        writers = {int(path.stem.rsplit("_", 1)[1]) for path in metrics_dir.glob("*.db")}
+        assert len(writers) == 2 and server.process.pid not in writers
+
+
 def test_lagging_watch_is_covered_by_a_direct_get(api: FakeKubeAPI, tmp_path: Path) -> None:
     with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
         api.lag = 30.0

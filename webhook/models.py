@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ class InvalidLocustTest(ValueError):
     """The object is not a LocustTest we can read (no name, wrong shape)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class OtelSpec:
     """`spec.observability.openTelemetry` of a v2 LocustTest, with the CRD's defaults applied."""
 
@@ -65,13 +66,21 @@ def parse_otel(observability: Any) -> OtelSpec | None:
         raise InvalidLocustTest(
             "spec.observability.openTelemetry endpoint/protocol must be strings"
         )
-    return OtelSpec(
+    spec = OtelSpec(
         enabled=otel.get("enabled") is True,
         endpoint=endpoint.strip(),
         protocol=protocol,
         insecure=otel.get("insecure") is True,
         extra_env=tuple(sorted((str(k), "" if v is None else str(v)) for k, v in extra.items())),
     )
+    key = (spec.enabled, spec.endpoint, spec.protocol, spec.insecure, spec.extra_env)
+    return _SPECS.setdefault(key, spec)
+
+
+# Most LocustTests of a cluster send to the same collector with the same settings: they share
+# one OtelSpec (and its strings) instead of holding a copy each. Weak values: a spec no cached
+# LocustTest uses any more leaves the table.
+_SPECS: weakref.WeakValueDictionary[tuple[Any, ...], OtelSpec] = weakref.WeakValueDictionary()
 
 
 def parse_locusttest(obj: Any, default_namespace: str = "default") -> LocustTestInfo:
