@@ -548,8 +548,9 @@ def check_telemetry(
             assert {k: resource.get(k) for k in expected} == expected, export.signal
 
     # one span per request, all from the worker, as many as Locust counted, name by name. A
-    # user stopped in the middle of a request at the end of the run leaves a span that ended
-    # in an error, a request neither Locust nor the target counted: at most one per user.
+    # user killed in the middle of a request at the end of the run can leave a span that ended
+    # in an error for a request Locust never counted (seen once: 50 spans, 49 counted): those
+    # are left out of the comparison, at most one per user.
     spans = [s for s in receiver.spans() if s.scope == "opentelemetry.instrumentation.requests"]
     completed = Counter(s.name for s in spans if s.status != SPAN_ERROR)
     assert completed == Counter({"GET /": stats["/"], "GET /item": stats["/item"]})
