@@ -1243,7 +1243,7 @@ def main() -> int:
                 trows.append(
                     [
                         f"throughput >= 0.8x floor ({name}, {mix_name} mix)",
-                        f"{value:.2f}x",
+                        f"{value:.3f}x",
                         "yes" if value >= 0.8 else "NO",
                     ]
                 )
