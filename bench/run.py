@@ -804,7 +804,7 @@ def cache_curve(
                 KUBECONFIG=str(api.write_kubeconfig(tmp / f"kubeconfig-{count}")),
                 KUBERNETES_SERVICE_HOST="",
             )  # fmt: skip
-            cluster_mem, _ = served_memory(cluster, bodies, load_seconds, 1.0)
+            cluster_mem, cluster_master = served_memory(cluster, bodies, load_seconds, 1.0)
         rows.append(
             {
                 "count": count,
@@ -816,6 +816,7 @@ def cache_curve(
                 "master_rss_mb": master_mem["VmRSS"] / 1024,
                 "cluster_rss_mb": [m["VmRSS"] / 1024 for m in cluster_mem],
                 "cluster_pss_mb": [m.get("Pss", 0) / 1024 for m in cluster_mem],
+                "cluster_master_pss_mb": cluster_master.get("Pss", 0) / 1024,
                 "cluster_ready_s": cluster.ready_after,
                 "heap_kb": heap / 1024,
                 **times[count],
@@ -1152,6 +1153,7 @@ def main() -> int:
                     "master RSS MB",
                     "cluster source: worker VmRSS MB",
                     "cluster source: worker Pss MB",
+                    "cluster source: master Pss MB",
                     "cluster source: ready s",
                     "parsed heap KB",
                     "dir load s",
@@ -1169,6 +1171,7 @@ def main() -> int:
                         f"{r['master_rss_mb']:.1f}",
                         " / ".join(f"{x:.1f}" for x in r["cluster_rss_mb"]),
                         " / ".join(f"{x:.1f}" for x in r["cluster_pss_mb"]),
+                        f"{r['cluster_master_pss_mb']:.1f}",
                         f"{r['cluster_ready_s']:.1f}",
                         f"{r['heap_kb']:.0f}",
                         f"{r['load_s']:.2f}",
