@@ -78,6 +78,15 @@ class Server:
                 return children
             time.sleep(0.05)
 
+    def metrics(self) -> str:
+        """The text of GET /metrics, on a connection of its own."""
+        conn = self.connection(5)
+        try:
+            conn.request("GET", "/metrics")
+            return conn.getresponse().read().decode()
+        finally:
+            conn.close()
+
     def connection(self, timeout: float = 15.0) -> http.client.HTTPSConnection:
         """A keep-alive HTTPS connection that trusts the server's CA."""
         return http.client.HTTPSConnection(

@@ -86,15 +86,6 @@ def answers(server: Server) -> bool:
     return True
 
 
-def metrics_text(server: Server) -> str:
-    conn = server.connection(5)
-    try:
-        conn.request("GET", "/metrics")
-        return conn.getresponse().read().decode()
-    finally:
-        conn.close()
-
-
 def cluster_env(api: FakeKubeAPI, tmp_path: Path) -> dict[str, str]:
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     return {"KUBECONFIG": str(kubeconfig), "KUBERNETES_SERVICE_HOST": ""}
@@ -334,7 +325,7 @@ def test_api_outage_after_sync_serves_last_known_state_and_catches_up(
             assert took < 0.5 + MARGIN
             assert response["allowed"] is True and "patch" not in response
             assert "could not be read" in warnings_of(response)
-        assert 'reason="api-unavailable"' in metrics_text(server)
+        assert 'reason="api-unavailable"' in server.metrics()
         api.start()
         wait_until(lambda: consistently(server, lambda: get_status(server, "/readyz") == 200))
         load = Load(server, operator_pod("known", "worker"), is_patched).start(

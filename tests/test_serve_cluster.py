@@ -96,17 +96,8 @@ def test_metrics_are_the_workers_alone(api: FakeKubeAPI, tmp_path: Path) -> None
     metrics_dir.mkdir()
     env = {**cluster_env(api, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     with serve(tmp_path, "--workers", "2", env=env) as server:
-
-        def metrics() -> str:
-            conn = server.connection()
-            try:
-                conn.request("GET", "/metrics")
-                return conn.getresponse().read().decode()
-            finally:
-                conn.close()
-
-        wait_until(lambda: "locust_webhook_cache_synced 1.0" in metrics())
-        assert "locust_webhook_locusttests_cached 1.0" in metrics()
+        wait_until(lambda: "locust_webhook_cache_synced 1.0" in server.metrics())
+        assert "locust_webhook_locusttests_cached 1.0" in server.metrics()
         writers = {int(path.stem.rsplit("_", 1)[1]) for path in metrics_dir.glob("*.db")}
         assert len(writers) == 2 and server.process.pid not in writers
 
