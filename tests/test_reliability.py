@@ -171,6 +171,16 @@ def api() -> Iterator[FakeKubeAPI]:
 # -- 1. Kubernetes API faults ----------------------------------------------------------------
 
 
+def all_listed(server: Server) -> bool:
+    """Every worker has listed the LocustTests: cache_synced is the minimum over the live
+    workers, so it reads 1 only then (readyz answers for whichever worker takes the
+    connection: eight 200s in a row once came all from the one worker that had listed)."""
+    return (
+        len(server.workers(WORKERS, timeout=0)) == WORKERS
+        and "locust_webhook_cache_synced 1.0" in server.metrics()
+    )
+
+
 def consistently(server: Server, predicate: Callable[[], bool], times: int = 8) -> bool:
     """True when `predicate` holds on several fresh connections in a row (both workers)."""
     return all(predicate() for _ in range(times))
@@ -280,7 +290,7 @@ def test_slow_api_never_holds_an_admission_past_its_lookup_budget(
         env=cluster_env(api, tmp_path),
     ) as server:
         # Both workers have listed (serve() waited for one): from here on every hit is cached.
-        wait_until(lambda: consistently(server, lambda: get_status(server, "/readyz") == 200))
+        wait_until(lambda: all_listed(server))
         api.latency = 3.0  # seconds before every answer, watches included
         load = Load(server, operator_pod("cached", "worker"), is_patched).start(kept_alive=2)
         results: list[tuple[float, dict[str, Any]]] = []
@@ -327,7 +337,8 @@ def test_api_outage_after_sync_serves_last_known_state_and_catches_up(
             assert "could not be read" in warnings_of(response)
         assert 'reason="api-unavailable"' in server.metrics()
         api.start()
-        wait_until(lambda: consistently(server, lambda: get_status(server, "/readyz") == 200))
+        wait_until(lambda: all_listed(server))
+        assert get_status(server, "/readyz") == 200
         load = Load(server, operator_pod("known", "worker"), is_patched).start(
             fresh=1, kept_alive=2
         )
