@@ -89,6 +89,16 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+WATCHER = "webhook.watcher"  # in the watcher process's command line
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
 def cpu_seconds(pids: list[int]) -> float:
     total = 0
     for pid in pids:
@@ -169,6 +179,13 @@ class Server:
         raise TimeoutError(f"{self.name} not ready within {timeout} s; see {self.log_file}")
 
     def workers(self) -> list[int]:
+        return [pid for pid in self.children() if WATCHER not in command_line(pid)]
+
+    def watcher(self) -> int | None:
+        """The watcher process of `serve` reading from a cluster (not a worker)."""
+        return next((pid for pid in self.children() if WATCHER in command_line(pid)), None)
+
+    def children(self) -> list[int]:
         assert self.process is not None
         return children(self.process.pid)
 
@@ -706,13 +723,26 @@ def pyspy_profile(server: Server, bodies: Path, seconds: int = 10) -> dict[str, 
 
 def served_memory(
     server: Server, bodies: Path, load_seconds: float, settle_s: float
-) -> tuple[list[dict[str, int]], dict[str, int]]:
-    """Memory of the workers and of the master of `server` once ready, settled and loaded."""
+) -> tuple[list[dict[str, int]], dict[str, int], dict[str, int]]:
+    """Memory of the workers, of the master and of the watcher process (empty without one) of
+    `server` once ready, settled and loaded."""
     try:
         server.start(timeout=300)
+        if server.watcher() is not None:
+            # Every worker has its copy of the watcher's LocustTests (each logs it once).
+            deadline = time.monotonic() + 120
+            while server.log_file.read_text().count("LocustTests from the watcher") < 2:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"workers got no LocustTests; see {server.log_file}")
+                time.sleep(0.1)
         time.sleep(settle_s)
         run_wrk(server, bodies, Scenario("c8", 8, 2), load_seconds)
-        return [memory_kb(pid) for pid in server.workers()], memory_kb(server.pids()[0])
+        watcher = server.watcher()
+        return (
+            [memory_kb(pid) for pid in server.workers()],
+            memory_kb(server.pids()[0]),
+            {} if watcher is None else memory_kb(watcher),
+        )
     finally:
         server.stop()
 
@@ -794,7 +824,7 @@ def cache_curve(
         server = webhook_server(tmp, certs, directory, name=f"webhook-{count}")
         # Both workers load the directory at boot; give the slower one time, then load both.
         settle = max(1.0, times[count]["load_s"] * 1.5)
-        worker_mem, master_mem = served_memory(server, bodies, load_seconds, settle)
+        worker_mem, master_mem, _ = served_memory(server, bodies, load_seconds, settle)
         # The production source: the same LocustTests listed and watched from an API server.
         with FakeKubeAPI() as api:
             for test in tests:
@@ -804,7 +834,7 @@ def cache_curve(
                 KUBECONFIG=str(api.write_kubeconfig(tmp / f"kubeconfig-{count}")),
                 KUBERNETES_SERVICE_HOST="",
             )  # fmt: skip
-            cluster_mem, cluster_master = served_memory(cluster, bodies, load_seconds, 1.0)
+            cluster_mem, cluster_master, watcher = served_memory(cluster, bodies, load_seconds, 1.0)
         rows.append(
             {
                 "count": count,
@@ -817,6 +847,8 @@ def cache_curve(
                 "cluster_rss_mb": [m["VmRSS"] / 1024 for m in cluster_mem],
                 "cluster_pss_mb": [m.get("Pss", 0) / 1024 for m in cluster_mem],
                 "cluster_master_pss_mb": cluster_master.get("Pss", 0) / 1024,
+                "watcher_rss_mb": watcher["VmRSS"] / 1024,
+                "watcher_pss_mb": watcher.get("Pss", 0) / 1024,
                 "cluster_ready_s": cluster.ready_after,
                 "heap_kb": heap / 1024,
                 **times[count],
@@ -1135,9 +1167,10 @@ def main() -> int:
                 "Worker memory after boot and a few seconds of load (VmRSS / RssAnon / Pss per "
                 "worker, MB) of `serve --locusttests DIR`, and VmRSS / Pss of `serve` reading the "
                 "same LocustTests from a local API server (tests/kubeapi.py, list+watch over "
-                "HTTPS), as in a cluster: its workers also hold the Kubernetes client. Pss counts "
-                "a page shared with the master once across the processes sharing it, RSS in "
-                "full in each. In process: parsed objects' heap (tracemalloc), `DirectorySource` "
+                "HTTPS), as in a cluster: its watcher process holds the Kubernetes client and "
+                "the list+watch, each worker a copy of the parsed LocustTests. Pss counts a page "
+                "shared with the master once across the processes sharing it, RSS in full in "
+                "each. In process: parsed objects' heap (tracemalloc), `DirectorySource` "
                 "load time, `get` time (20,000 random keys, timed in batches of 1,000), and "
                 "`Handler.handle` on master and worker pods of those LocustTests with a source "
                 "holding all of them: medians of rounds alternating the counts. YAML files of "
@@ -1154,6 +1187,7 @@ def main() -> int:
                     "cluster source: worker VmRSS MB",
                     "cluster source: worker Pss MB",
                     "cluster source: master Pss MB",
+                    "cluster source: watcher VmRSS / Pss MB",
                     "cluster source: ready s",
                     "parsed heap KB",
                     "dir load s",
@@ -1172,6 +1206,7 @@ def main() -> int:
                         " / ".join(f"{x:.1f}" for x in r["cluster_rss_mb"]),
                         " / ".join(f"{x:.1f}" for x in r["cluster_pss_mb"]),
                         f"{r['cluster_master_pss_mb']:.1f}",
+                        f"{r['watcher_rss_mb']:.1f} / {r['watcher_pss_mb']:.1f}",
                         f"{r['cluster_ready_s']:.1f}",
                         f"{r['heap_kb']:.0f}",
                         f"{r['load_s']:.2f}",

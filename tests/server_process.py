@@ -23,6 +23,9 @@ from fixtures import review
 BIN = Path(sys.executable).parent
 
 
+WATCHER = "webhook.watcher"  # in the watcher process's command line
+
+
 def free_port() -> int:
     """A port nothing listens on now (reuse_port makes every worker bind it on its own)."""
     with socket.socket() as probe:
@@ -67,16 +70,37 @@ class Server:
     def log(self) -> str:
         return self.log_file.read_text()
 
+    def children(self) -> dict[int, str]:
+        """The serve process's children and their command lines (a restarted watcher process
+        is a child of the master's supervising thread: every thread's list is read)."""
+        pids = []
+        for listing in Path(f"/proc/{self.process.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pids += listing.read_text().split()
+        children = {}
+        for child in pids:
+            with contextlib.suppress(OSError):  # gone meanwhile
+                children[int(child)] = Path(f"/proc/{child}/cmdline").read_text()
+        return children
+
     def workers(self, count: int, timeout: float = 30.0) -> set[int]:
-        """The gunicorn workers (the serve process's children), once `count` are forked: one
-        ready worker makes the server ready, the others may still be on their way."""
-        listing = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        """The gunicorn workers, once `count` are forked: one ready worker makes the server
+        ready, the others may still be on their way."""
         deadline = time.monotonic() + timeout
         while True:
-            children = {int(child) for child in listing.read_text().split()}
-            if len(children) >= count or time.monotonic() > deadline:
-                return children
+            workers = {pid for pid, cmd in self.children().items() if WATCHER not in cmd}
+            if len(workers) >= count or time.monotonic() > deadline:
+                return workers
             time.sleep(0.05)
+
+    def watcher(self) -> int:
+        """The pid of the watcher process (serving from a cluster)."""
+        (pid,) = [pid for pid, cmd in self.children().items() if WATCHER in cmd]
+        return pid
+
+    def copies_received(self) -> int:
+        """How many workers have received the watcher's LocustTests (each logs it once)."""
+        return self.log().count("LocustTests from the watcher")
 
     def metrics(self) -> str:
         """The text of GET /metrics, on a connection of its own."""

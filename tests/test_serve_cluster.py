@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -88,7 +90,7 @@ def test_locusttests_created_and_changed_after_start_are_used(
         assert all(r.headers.get("authorization") == f"Bearer {api.token}" for r in api.requests)
 
 
-def test_metrics_are_the_workers_alone(api: FakeKubeAPI, tmp_path: Path) -> None:
+def test_metrics_are_the_workers_and_the_watchers_alone(api: FakeKubeAPI, tmp_path: Path) -> None:
     """The master imports the workers' modules before forking; it must not write metrics of its
     own (its 0 would hold the `livemin` gauge cache_synced at 0 for good)."""
     api.create(locusttest("early", otel=OTEL))
@@ -96,10 +98,11 @@ def test_metrics_are_the_workers_alone(api: FakeKubeAPI, tmp_path: Path) -> None
     metrics_dir.mkdir()
     env = {**cluster_env(api, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     with serve(tmp_path, "--workers", "2", env=env) as server:
-        wait_until(lambda: "locust_webhook_cache_synced 1.0" in server.metrics())
+        wait_until(lambda: server.copies_received() == 2)
+        assert "locust_webhook_cache_synced 1.0" in server.metrics()
         assert "locust_webhook_locusttests_cached 1.0" in server.metrics()
         writers = {int(path.stem.rsplit("_", 1)[1]) for path in metrics_dir.glob("*.db")}
-        assert len(writers) == 2 and server.process.pid not in writers
+        assert writers == server.workers(2) | {server.watcher()}
 
 
 def test_lagging_watch_is_covered_by_a_direct_get(api: FakeKubeAPI, tmp_path: Path) -> None:
@@ -163,3 +166,44 @@ def _answers(server: Server) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_one_list_and_watch_per_pod_whatever_the_workers(api: FakeKubeAPI, tmp_path: Path) -> None:
+    api.create(locusttest("shared", otel=OTEL))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**cluster_env(api, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    with serve(tmp_path, "--workers", "3", env=env) as server:
+        wait_until(lambda: server.copies_received() == 3)
+        for role in ("master", "worker"):
+            assert "--otel" in json.dumps(patch_of(server.admit(operator_pod("shared", role))))
+        assert len(server.workers(3)) == 3
+        assert (len(api.lists()), len(api.watches())) == (1, 1)
+
+
+def test_a_watcher_that_dies_is_restarted_while_the_workers_serve_their_copy(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    api.create(locusttest("before", otel=OTEL))
+    with serve(tmp_path, "--workers", "2", env=cluster_env(api, tmp_path)) as server:
+        wait_until(lambda: server.copies_received() == 2)
+        first = server.watcher()
+        os.kill(first, signal.SIGKILL)
+        # The workers answer from their copy meanwhile, and stay ready.
+        for _ in range(4):
+            assert "--otel" in json.dumps(patch_of(server.admit(operator_pod("before", "worker"))))
+            assert readyz(server) == 200
+        wait_until(lambda: "the LocustTest watcher process exited" in server.log())
+        wait_until(lambda: _watcher_other_than(server, first))
+        api.create(locusttest("after", otel=OTEL))
+        wait_until(
+            lambda: "--otel" in json.dumps(patch_of(server.admit(operator_pod("after", "worker"))))
+        )
+        assert "Traceback" not in server.log()
+
+
+def _watcher_other_than(server: Server, pid: int) -> bool:
+    try:
+        return server.watcher() != pid
+    except ValueError:  # none at the moment
+        return False

@@ -9,30 +9,17 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import urllib3
 from kubernetes import client, config, watch
 
-from .lookup import SourceUnavailable
+from . import metrics
+from .lookup import Backoff, SourceUnavailable
 from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
 
 log = logging.getLogger(__name__)
-
-
-class _LazyMetrics:
-    """`webhook.metrics`, imported on first use. `serve` builds a ClusterSource in the gunicorn
-    master to check the configuration before it sets PROMETHEUS_MULTIPROC_DIR, and
-    prometheus_client picks its storage at import: importing it here made /metrics empty."""
-
-    def __getattr__(self, name: str) -> Any:
-        from . import metrics as module
-
-        return getattr(module, name)
-
-
-metrics = _LazyMetrics()
 
 GROUP = "locust.io"
 PLURAL = "locusttests"
@@ -43,8 +30,6 @@ CLUSTER = ""  # the scope of a cluster-wide list/watch
 PAGE_SIZE = 500
 CONNECT_TIMEOUT = 5.0
 LIST_TIMEOUT = 60.0
-BACKOFF_START = 0.2
-BACKOFF_CAP = 30.0
 LOOKUP_DELAYS = (0.05, 0.1, 0.2, 0.4)
 STOP_TIMEOUT = 2.0
 
@@ -55,19 +40,14 @@ Key = tuple[str, str]
 View = dict[Key, LocustTestInfo]
 
 
-class _Backoff:
-    """Exponential backoff with jitter, from BACKOFF_START up to BACKOFF_CAP."""
+class Listener(Protocol):
+    """Told of every change to the cache, from the thread that made it (webhook.feed)."""
 
-    def __init__(self) -> None:
-        self._ceiling = BACKOFF_START
+    def listed(self) -> None:
+        """A scope was listed (again): its LocustTests were replaced at once."""
 
-    def next(self) -> float:
-        delay = random.uniform(self._ceiling / 2, self._ceiling)
-        self._ceiling = min(self._ceiling * 2, BACKOFF_CAP)
-        return delay
-
-    def reset(self) -> None:
-        self._ceiling = BACKOFF_START
+    def changed(self, key: Key) -> None:
+        """The LocustTest `key` was added, changed or deleted: `cached(key)` tells which."""
 
 
 @dataclass
@@ -103,10 +83,12 @@ class ClusterSource:
         lookup_timeout: float = 1.5,
         *,
         watch_timeout: float = 240.0,
+        listener: Listener | None = None,
     ) -> None:
         self._namespaces = frozenset(namespaces)
         self._lookup_timeout = lookup_timeout
         self._watch_timeout = watch_timeout
+        self._listener = listener
         # Our own pool: no urllib3-level retries (they would restart timeouts and break the
         # lookup budget; we retry ourselves) and room for every watch plus lookups.
         configuration = copy.deepcopy(api_client.configuration)
@@ -123,13 +105,18 @@ class ClusterSource:
 
     @classmethod
     def from_environment(
-        cls, namespaces: tuple[str, ...] = (), lookup_timeout: float = 1.5
+        cls,
+        namespaces: tuple[str, ...] = (),
+        lookup_timeout: float = 1.5,
+        listener: Listener | None = None,
     ) -> ClusterSource:
         """A source using the in-cluster service account, else KUBECONFIG or ~/.kube/config."""
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             configuration = client.Configuration()
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            return cls(client.ApiClient(configuration), namespaces, lookup_timeout)
+            return cls(
+                client.ApiClient(configuration), namespaces, lookup_timeout, listener=listener
+            )
         kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
         paths = [p for p in kubeconfig.split(os.pathsep) if p]
         if not any(os.path.exists(p) for p in paths):
@@ -142,7 +129,7 @@ class ClusterSource:
             api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
         except config.ConfigException as exc:
             raise SourceUnavailable(f"cannot use kubeconfig {kubeconfig}: {exc}") from exc
-        return cls(api_client, namespaces, lookup_timeout)
+        return cls(api_client, namespaces, lookup_timeout, listener=listener)
 
     # -- LocustTestSource --------------------------------------------------------------------
 
@@ -173,6 +160,15 @@ class ClusterSource:
     def size(self) -> int:
         """How many LocustTests the cache holds."""
         return sum(len(view) for view in self._views.values())
+
+    def cached(self, key: Key) -> LocustTestInfo | None:
+        """The cached LocustTest `key` = (namespace, name), without a lookup."""
+        view = self._views.get(key[0] if self._namespaces else CLUSTER)
+        return None if view is None else view.get(key)
+
+    def snapshot(self) -> list[LocustTestInfo]:
+        """Every cached LocustTest (each scope's dict is copied in one step)."""
+        return [info for view in list(self._views.values()) for info in list(view.values())]
 
     def get(self, namespace: str, name: str) -> LocustTestInfo | None:
         """The cached LocustTest, else one bounded direct GET (the watch may lag behind)."""
@@ -248,15 +244,18 @@ class ClusterSource:
             metrics.LOOKUPS.labels(result="not_found").inc()
             return None
         # The watch may already have delivered a newer version: keep it.
-        view.setdefault((info.namespace, info.name), info)
+        key = (info.namespace, info.name)
+        view.setdefault(key, info)
         metrics.CACHE_SIZE.set(self.size())
         metrics.LOOKUPS.labels(result="direct_get").inc()
+        if self._listener is not None:
+            self._listener.changed(key)
         return info
 
     # -- list and watch ------------------------------------------------------------------------
 
     def _run(self, scope: _Scope) -> None:
-        backoff = _Backoff()
+        backoff = Backoff()
         while not self._stopping.is_set():
             try:
                 if scope.resource_version is None:
@@ -355,8 +354,10 @@ class ClusterSource:
         if self.ready():
             metrics.CACHE_SYNCED.set(1)
         log.info("listed %d LocustTests %s", len(view), scope.where)
+        if self._listener is not None:
+            self._listener.listed()
 
-    def _watch(self, scope: _Scope, backoff: _Backoff) -> None:
+    def _watch(self, scope: _Scope, backoff: Backoff) -> None:
         timeout = max(1, round(self._watch_timeout * random.uniform(1.0, 1.5)))
         scope.watch = watch.Watch()  # type: ignore[no-untyped-call]
         try:
@@ -379,17 +380,21 @@ class ClusterSource:
             scope.watch = None
 
     def _apply(self, scope: _Scope, kind: str, obj: Any) -> None:
+        key: Key | None = None
         if kind in ("ADDED", "MODIFIED"):
             info = _parse(obj)
             if info is not None:
-                self._views[scope.namespace][(info.namespace, info.name)] = info
+                key = (info.namespace, info.name)
+                self._views[scope.namespace][key] = info
         elif kind == "DELETED":
             metadata = obj.get("metadata") or {}
             key = (metadata.get("namespace") or "", metadata.get("name") or "")
             self._views[scope.namespace].pop(key, None)
-        if kind != "BOOKMARK":
-            metrics.CACHE_SIZE.set(self.size())
         scope.resource_version = str(obj["metadata"]["resourceVersion"])
+        if key is not None:
+            metrics.CACHE_SIZE.set(self.size())
+            if self._listener is not None:
+                self._listener.changed(key)
 
 
 def _parse(obj: Any) -> LocustTestInfo | None:

@@ -50,16 +50,8 @@ def metrics_dir() -> Iterator[None]:
 def run_serve(args: argparse.Namespace) -> int:
     """Start the HTTPS server."""
     settings = serve_settings(args)
-    if not settings.locusttests:
-        # Fail at start, not in every worker, when there is no cluster to talk to.
-        from .cache import ClusterSource
-        from .lookup import SourceUnavailable
-
-        try:
-            ClusterSource.from_environment(settings.namespaces, settings.lookup_timeout)
-        except SourceUnavailable as exc:
-            raise UsageError(f"--locusttests is empty and {exc}") from None
     with metrics_dir():
+        from .lookup import SourceUnavailable
         from .server import serve
         from .tls import CertificateError
 
@@ -67,6 +59,8 @@ def run_serve(args: argparse.Namespace) -> int:
             serve(settings)
         except CertificateError as exc:
             raise UsageError(f"--cert-file/--key-file: {exc}") from None
+        except SourceUnavailable as exc:
+            raise UsageError(f"--locusttests is empty and {exc}") from None
     return 0
 
 

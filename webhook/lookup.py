@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -15,6 +16,25 @@ from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
 log = logging.getLogger(__name__)
 # libyaml's loader when PyYAML was built with it: 10x faster on directories of many tests.
 SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+BACKOFF_START = 0.2
+BACKOFF_CAP = 30.0
+
+
+class Backoff:
+    """Exponential backoff with jitter, from BACKOFF_START up to BACKOFF_CAP."""
+
+    def __init__(self) -> None:
+        self._ceiling = BACKOFF_START
+
+    def next(self) -> float:
+        delay = random.uniform(self._ceiling / 2, self._ceiling)
+        self._ceiling = min(self._ceiling * 2, BACKOFF_CAP)
+        return delay
+
+    def reset(self) -> None:
+        self._ceiling = BACKOFF_START
 
 
 class SourceUnavailable(Exception):

@@ -66,13 +66,20 @@ def parse_otel(observability: Any) -> OtelSpec | None:
         raise InvalidLocustTest(
             "spec.observability.openTelemetry endpoint/protocol must be strings"
         )
-    spec = OtelSpec(
-        enabled=otel.get("enabled") is True,
-        endpoint=endpoint.strip(),
-        protocol=protocol,
-        insecure=otel.get("insecure") is True,
-        extra_env=tuple(sorted((str(k), "" if v is None else str(v)) for k, v in extra.items())),
+    return _shared(
+        OtelSpec(
+            enabled=otel.get("enabled") is True,
+            endpoint=endpoint.strip(),
+            protocol=protocol,
+            insecure=otel.get("insecure") is True,
+            extra_env=tuple(
+                sorted((str(k), "" if v is None else str(v)) for k, v in extra.items())
+            ),
+        )
     )
+
+
+def _shared(spec: OtelSpec) -> OtelSpec:
     key = (spec.enabled, spec.endpoint, spec.protocol, spec.insecure, spec.extra_env)
     return _SPECS.setdefault(key, spec)
 
@@ -103,5 +110,38 @@ def parse_locusttest(obj: Any, default_namespace: str = "default") -> LocustTest
         name=name,
         api_version=sys.intern(str(api_version)),
         required=annotations.get(REQUIRED_ANNOTATION) == "true",
+        otel=otel,
+    )
+
+
+# The watcher process sends LocustTestInfo to the workers as JSON arrays (see webhook.feed).
+Wire = list[Any]
+
+
+def to_wire(info: LocustTestInfo) -> Wire:
+    """`info` as a JSON-ready array: [namespace, name, apiVersion, required, otel or null]."""
+    otel = info.otel
+    spec = (
+        None
+        if otel is None
+        else [otel.enabled, otel.endpoint, otel.protocol, otel.insecure, otel.extra_env]
+    )
+    return [info.namespace, info.name, info.api_version, info.required, spec]
+
+
+def from_wire(record: Wire) -> LocustTestInfo:
+    """The LocustTestInfo `to_wire` made `record` from, sharing strings and specs like a parse."""
+    namespace, name, api_version, required, spec = record
+    otel = None
+    if spec is not None:
+        enabled, endpoint, protocol, insecure, extra_env = spec
+        otel = _shared(
+            OtelSpec(enabled, endpoint, protocol, insecure, tuple(map(tuple, extra_env)))
+        )
+    return LocustTestInfo(
+        namespace=sys.intern(namespace),
+        name=name,
+        api_version=sys.intern(api_version),
+        required=required,
         otel=otel,
     )

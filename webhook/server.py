@@ -1,6 +1,6 @@
-"""`serve`: gunicorn over TLS with gthread workers, each owning its LocustTest source.
+"""`serve`: gunicorn over TLS with gthread workers, and the watcher process that feeds them.
 
-The app (and with it the source and its watch threads) is built in `load()`, which gunicorn
+The app (and with it the source and its feed thread) is built in `load()`, which gunicorn
 calls in every worker after the fork: nothing starts at import.
 """
 
@@ -18,6 +18,7 @@ from . import logs
 from .config import ServeSettings
 from .lookup import DirectorySource, LocustTestSource
 from .tls import ReloadingContext
+from .watcher import Watcher
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +51,14 @@ def share_with_workers() -> None:
     gc.freeze()
 
 
-def build_source(settings: ServeSettings) -> LocustTestSource:
-    """The directory source when --locusttests is set, else the cluster's API."""
+def build_source(settings: ServeSettings, feed: str | None) -> LocustTestSource:
+    """The directory source when --locusttests is set, else the watcher's feed at `feed`."""
     if settings.locusttests:
         return DirectorySource(settings.locusttests)
-    from .cache import ClusterSource
+    assert feed is not None
+    from .feed import FeedSource
 
-    source: LocustTestSource = ClusterSource.from_environment(
-        settings.namespaces, settings.lookup_timeout
-    )
-    return source
+    return FeedSource(feed, settings.lookup_timeout)
 
 
 def build_app(settings: ServeSettings, source: LocustTestSource) -> Any:
@@ -74,8 +73,9 @@ def build_app(settings: ServeSettings, source: LocustTestSource) -> Any:
 class WebhookServer(BaseApplication):  # type: ignore[misc]
     """gunicorn configured for the API server's traffic (SPEC section 8)."""
 
-    def __init__(self, settings: ServeSettings) -> None:
+    def __init__(self, settings: ServeSettings, feed: str | None) -> None:
         self.settings = settings
+        self.feed = feed
         # Checked here, in the master, so a bad pair stops the start with a clear message.
         self.tls = ReloadingContext(settings.cert_file, settings.key_file)
         self.source: LocustTestSource | None = None
@@ -138,11 +138,21 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
 
     def load(self) -> Any:
         # Runs in each worker after the fork: the source's threads belong to this worker.
-        self.source = build_source(self.settings)
+        self.source = build_source(self.settings, self.feed)
         self.source.start()
         return build_app(self.settings, self.source)
 
 
 def serve(settings: ServeSettings) -> None:
-    """Run until SIGTERM/SIGINT; in-flight admissions get `graceful_timeout` to finish."""
-    WebhookServer(settings).run()
+    """Run until SIGTERM/SIGINT; in-flight admissions get `graceful_timeout` to finish.
+
+    Raises SourceUnavailable when LocustTests come from a cluster that cannot be reached."""
+    if settings.locusttests:
+        WebhookServer(settings, None).run()
+        return
+    watcher = Watcher(settings)
+    watcher.start()
+    try:
+        WebhookServer(settings, watcher.path).run()
+    finally:
+        watcher.stop()

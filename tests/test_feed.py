@@ -1,0 +1,212 @@
+"""The watcher's feed: a ClusterSource on the local Kubernetes API, sent over a Unix socket to
+FeedSources, as `serve` runs them in its watcher process and its workers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from kubeapi import FakeKubeAPI
+from kubernetes import config
+from prometheus_client import REGISTRY
+from test_cache import locusttest, wait_until
+
+from webhook.cache import ClusterSource
+from webhook.feed import FeedServer, FeedSource
+from webhook.lookup import SourceUnavailable
+from webhook.models import from_wire, parse_locusttest, to_wire
+
+
+class Watcher:
+    """What `python -m webhook.watcher` runs, in a thread of the test."""
+
+    def __init__(self, api: FakeKubeAPI, path: Path, tmp_path: Path) -> None:
+        kubeconfig = api.write_kubeconfig(tmp_path / f"kubeconfig-{time.monotonic_ns()}")
+        self.feed = FeedServer(str(path))
+        self.source = ClusterSource(
+            config.new_client_from_config(config_file=str(kubeconfig)), listener=self.feed
+        )
+        self.thread = threading.Thread(target=self.feed.run, args=(self.source,), daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.feed.stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def api() -> Iterator[FakeKubeAPI]:
+    with FakeKubeAPI() as server:
+        yield server
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "feed.sock"
+
+
+@pytest.fixture
+def start_watcher(api: FakeKubeAPI, path: Path, tmp_path: Path) -> Iterator[Callable[[], Watcher]]:
+    started: list[Watcher] = []
+
+    def start() -> Watcher:
+        started.append(Watcher(api, path, tmp_path))
+        return started[-1]
+
+    yield start
+    for watcher in started:
+        if watcher.thread.is_alive():
+            watcher.stop()
+
+
+@pytest.fixture
+def worker(path: Path) -> Iterator[FeedSource]:
+    source = FeedSource(str(path), lookup_timeout=1.0)
+    source.start()
+    yield source
+    source.stop()
+
+
+def lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("locust_webhook_lookups_total", {"result": result}) or 0.0
+
+
+def known(worker: FeedSource, namespace: str, name: str) -> bool:
+    """Whether the worker's copy holds the LocustTest (a miss may raise while reconnecting)."""
+    try:
+        return worker.get(namespace, name) is not None
+    except SourceUnavailable:
+        return False
+
+
+def test_wire_records_survive_json_and_share_specs_like_a_parse() -> None:
+    test = locusttest("load", "team-a", endpoint="http://collector:4318")
+    test["spec"]["observability"]["openTelemetry"]["extraEnvVars"] = {"B": "2", "A": "1"}
+    test["metadata"]["annotations"] = {"observability.locust.io/required": "true"}
+    v1 = {"apiVersion": "locust.io/v1", "kind": "LocustTest", "metadata": {"name": "old"}}
+    for obj in (test, v1):
+        info = parse_locusttest(obj)
+        copy = from_wire(orjson.loads(orjson.dumps(to_wire(info))))
+        assert copy == info
+        assert copy.otel is info.otel  # one OtelSpec per distinct setting, as in the cache
+
+
+def test_a_worker_receives_every_locusttest_then_each_change(
+    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+) -> None:
+    api.create(locusttest("a"))
+    api.create(locusttest("b", "team-b", enabled=False))
+    watcher = start_watcher()
+    wait_until(worker.ready)
+    assert worker.size() == 2
+    for key in (("default", "a"), ("team-b", "b")):
+        assert worker.get(*key) == watcher.source.cached(key)
+    api.create(locusttest("c", endpoint="http://new:4317"))
+    api.update(locusttest("a", enabled=False))
+    api.delete("team-b", "b")
+    wait_until(lambda: worker.size() == 2 and not known(worker, "team-b", "b"))
+    c, a = worker.get("default", "c"), worker.get("default", "a")
+    assert c is not None and c.otel is not None and c.otel.endpoint == "http://new:4317"
+    assert a is not None and not a.otel_enabled
+
+
+def test_a_worker_that_connects_late_gets_the_whole_cache(
+    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], path: Path
+) -> None:
+    for i in range(1200):  # more than one "put" line
+        api.create(locusttest(f"t-{i}", f"ns-{i % 7}"))
+    watcher = start_watcher()
+    wait_until(watcher.source.ready)
+    late = FeedSource(str(path))
+    late.start()
+    try:
+        wait_until(late.ready)
+        assert late.size() == 1200
+        assert late.get("ns-3", "t-1193") == watcher.source.cached(("ns-3", "t-1193"))
+    finally:
+        late.stop()
+
+
+def test_a_miss_is_looked_up_by_the_watcher(
+    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+) -> None:
+    start_watcher()
+    wait_until(worker.ready)
+    api.lag = 30.0  # the watch will not deliver it in time
+    api.create(locusttest("fresh", endpoint="http://direct:4317"))
+    hits = lookups("cache_hit")
+    info = worker.get("default", "fresh")
+    assert info is not None and info.otel is not None and info.otel.endpoint == "http://direct:4317"
+    # The watcher sends what it found to every worker: the next lookup is a hit.
+    wait_until(lambda: worker.size() == 1)
+    assert worker.get("default", "fresh") == info
+    assert lookups("cache_hit") == hits + 1
+    assert worker.get("default", "never-created") is None
+
+
+def test_the_watchers_error_reaches_the_worker(
+    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+) -> None:
+    start_watcher()
+    wait_until(worker.ready)
+    api.stop()
+    with pytest.raises(SourceUnavailable, match="cannot look up LocustTest default/gone: "):
+        worker.get("default", "gone")
+
+
+def test_without_its_watcher_a_worker_keeps_its_copy_then_takes_the_next_one(
+    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+) -> None:
+    api.create(locusttest("kept"))
+    api.create(locusttest("removed"))
+    first = start_watcher()
+    wait_until(lambda: worker.size() == 2)
+    first.stop()
+    wait_until(lambda: worker._conn is None)
+    assert worker.ready() and worker.get("default", "kept") is not None
+    unavailable = lookups("unavailable")
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="watcher process: not connected"):
+        worker.get("default", "unknown")
+    assert time.monotonic() - started < 0.5  # no waiting on a watcher that is not there
+    assert lookups("unavailable") == unavailable + 1
+    api.delete("default", "removed")
+    api.create(locusttest("added"))
+    start_watcher()
+    wait_until(lambda: known(worker, "default", "added"), timeout=10)
+    assert worker.size() == 2 and not known(worker, "default", "removed")
+
+
+def test_a_lookup_in_flight_fails_when_the_watcher_goes(
+    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+) -> None:
+    watcher = start_watcher()
+    wait_until(worker.ready)
+    api.latency = 3.0  # the watcher's GET hangs
+    threading.Timer(0.3, watcher.stop).start()
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="the connection closed"):
+        worker.get("default", "slow")
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_worker_never_imports_the_kubernetes_client() -> None:
+    """What a worker of `serve` imports, in a fresh interpreter: the client (~17 MB a process)
+    belongs to the watcher process alone."""
+    script = (
+        "import sys\n"
+        "from webhook.config import ServeSettings\n"
+        "from webhook.server import build_app, build_source\n"
+        "settings = ServeSettings()\n"
+        "build_app(settings, build_source(settings, '/nonexistent/feed.sock'))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'kubernetes', 'urllib3'}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
