@@ -124,7 +124,7 @@ def memory_kb(pid: int) -> dict[str, int]:
 
 def _drain(process: subprocess.Popen[bytes], log_file: Path) -> None:
     assert process.stdout is not None
-    with open(log_file, "ab") as log:
+    with open(log_file, "ab", buffering=0) as log:  # readable as it comes
         while chunk := process.stdout.read1(1 << 16):
             log.write(chunk)
 

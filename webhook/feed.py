@@ -92,7 +92,7 @@ class FeedServer:
             with self._lock:
                 self._peers.add(peer)
                 if source.ready():
-                    self._send_copy(peer)
+                    self._send(peer, self._copy())
             threading.Thread(target=self._read, args=(peer,), daemon=True).start()
 
     def stop(self) -> None:
@@ -114,8 +114,9 @@ class FeedServer:
     def listed(self) -> None:
         with self._lock:
             if self._source is not None and self._source.ready():
+                copy = self._copy()
                 for peer in list(self._peers):
-                    self._send_copy(peer)
+                    self._send(peer, copy)
 
     def changed(self, key: Key) -> None:
         with self._lock:
@@ -130,13 +131,14 @@ class FeedServer:
 
     # -- one worker ------------------------------------------------------------------------------
 
-    def _send_copy(self, peer: _Peer) -> None:
+    def _copy(self) -> bytes:
+        """Every cached LocustTest, as the lines of a full copy."""
         assert self._source is not None
         records = [to_wire(info) for info in self._source.snapshot()]
         lines = [_line(["reset"])]
         lines += (_line(["put", records[i : i + CHUNK]]) for i in range(0, len(records), CHUNK))
         lines.append(_line(["synced"]))
-        self._send(peer, b"".join(lines))
+        return b"".join(lines)
 
     def _send(self, peer: _Peer, data: bytes) -> None:
         try:

@@ -1,5 +1,5 @@
-"""Prometheus metrics. Under gunicorn every worker writes to PROMETHEUS_MULTIPROC_DIR (set by
-`serve` before the workers fork) and `/metrics` aggregates all of them."""
+"""Prometheus metrics. Under `serve` every worker and the watcher process write to
+PROMETHEUS_MULTIPROC_DIR (set before they start) and `/metrics` aggregates all of them."""
 
 from __future__ import annotations
 
@@ -45,12 +45,12 @@ def admitted(outcome: str, reason: str, seconds: float) -> None:
 
 CACHE_SIZE = Gauge(
     "locust_webhook_locusttests_cached",
-    "LocustTests in the worker's cache",
+    "LocustTests cached (the most any process holds: the watcher process or a worker)",
     multiprocess_mode="livemax",
 )
 CACHE_SYNCED = Gauge(
     "locust_webhook_cache_synced",
-    "1 once the worker's LocustTest cache has completed its first list",
+    "1 once the watcher process has listed the LocustTests and every worker has its copy",
     multiprocess_mode="livemin",
 )
 WATCH_RESTARTS = Counter(

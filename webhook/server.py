@@ -73,7 +73,7 @@ def build_app(settings: ServeSettings, source: LocustTestSource) -> Any:
 class WebhookServer(BaseApplication):  # type: ignore[misc]
     """gunicorn configured for the API server's traffic (SPEC section 8)."""
 
-    def __init__(self, settings: ServeSettings, feed: str | None) -> None:
+    def __init__(self, settings: ServeSettings, feed: str | None = None) -> None:
         self.settings = settings
         self.feed = feed
         # Checked here, in the master, so a bad pair stops the start with a clear message.
@@ -148,11 +148,11 @@ def serve(settings: ServeSettings) -> None:
 
     Raises SourceUnavailable when LocustTests come from a cluster that cannot be reached."""
     if settings.locusttests:
-        WebhookServer(settings, None).run()
+        WebhookServer(settings).run()
         return
     watcher = Watcher(settings)
-    watcher.start()
     try:
+        watcher.start()
         WebhookServer(settings, watcher.path).run()
     finally:
         watcher.stop()

@@ -67,7 +67,7 @@ class Watcher:
                 process.kill()
         shutil.rmtree(self._directory, ignore_errors=True)
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> None:
         with self._lock:
             if self._stopping.is_set():
                 raise SourceUnavailable("serve is stopping")
@@ -83,7 +83,6 @@ class Watcher:
                 report.removeprefix("error: ")
                 or f"the LocustTest watcher process exited with code {process.returncode}"
             )
-        return process
 
     def _supervise(self) -> None:
         backoff = Backoff()
