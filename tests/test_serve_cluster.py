@@ -207,3 +207,14 @@ def _watcher_other_than(server: Server, pid: int) -> bool:
         return server.watcher() != pid
     except ValueError:  # none at the moment
         return False
+
+
+def test_sigterm_stops_the_watcher_and_removes_its_socket(api: FakeKubeAPI, tmp_path: Path) -> None:
+    with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
+        watcher = server.watcher()
+        arguments = server.children()[watcher].split("\0")
+        socket_path = Path(arguments[arguments.index("--socket") + 1])
+        assert socket_path.is_socket()
+    assert server.process.returncode == 0
+    assert not Path(f"/proc/{watcher}").exists()
+    assert not socket_path.parent.exists()
