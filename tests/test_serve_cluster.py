@@ -170,10 +170,7 @@ def _answers(server: Server) -> bool:
 
 def test_one_list_and_watch_per_pod_whatever_the_workers(api: FakeKubeAPI, tmp_path: Path) -> None:
     api.create(locusttest("shared", otel=OTEL))
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = {**cluster_env(api, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    with serve(tmp_path, "--workers", "3", env=env) as server:
+    with serve(tmp_path, "--workers", "3", env=cluster_env(api, tmp_path)) as server:
         wait_until(lambda: server.copies_received() == 3)
         for role in ("master", "worker"):
             assert "--otel" in json.dumps(patch_of(server.admit(operator_pod("shared", role))))
