@@ -23,7 +23,7 @@ from webhook.lookup import SourceUnavailable
 from webhook.models import from_wire, parse_locusttest, to_wire
 
 
-class Watcher:
+class InThreadWatcher:
     """What `python -m webhook.watcher` runs, in a thread of the test."""
 
     def __init__(self, api: FakeKubeAPI, path: Path, tmp_path: Path) -> None:
@@ -53,11 +53,13 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_watcher(api: FakeKubeAPI, path: Path, tmp_path: Path) -> Iterator[Callable[[], Watcher]]:
-    started: list[Watcher] = []
+def start_watcher(
+    api: FakeKubeAPI, path: Path, tmp_path: Path
+) -> Iterator[Callable[[], InThreadWatcher]]:
+    started: list[InThreadWatcher] = []
 
-    def start() -> Watcher:
-        started.append(Watcher(api, path, tmp_path))
+    def start() -> InThreadWatcher:
+        started.append(InThreadWatcher(api, path, tmp_path))
         return started[-1]
 
     yield start
@@ -99,7 +101,7 @@ def test_wire_records_survive_json_and_share_specs_like_a_parse() -> None:
 
 
 def test_a_worker_receives_every_locusttest_then_each_change(
-    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
 ) -> None:
     api.create(locusttest("a"))
     api.create(locusttest("b", "team-b", enabled=False))
@@ -118,7 +120,7 @@ def test_a_worker_receives_every_locusttest_then_each_change(
 
 
 def test_a_worker_that_connects_late_gets_the_whole_cache(
-    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], path: Path
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], path: Path
 ) -> None:
     for i in range(1200):  # more than one "put" line
         api.create(locusttest(f"t-{i}", f"ns-{i % 7}"))
@@ -135,7 +137,7 @@ def test_a_worker_that_connects_late_gets_the_whole_cache(
 
 
 def test_a_miss_is_looked_up_by_the_watcher(
-    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
 ) -> None:
     start_watcher()
     wait_until(worker.ready)
@@ -152,7 +154,7 @@ def test_a_miss_is_looked_up_by_the_watcher(
 
 
 def test_the_watchers_error_reaches_the_worker(
-    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
 ) -> None:
     start_watcher()
     wait_until(worker.ready)
@@ -162,7 +164,7 @@ def test_the_watchers_error_reaches_the_worker(
 
 
 def test_without_its_watcher_a_worker_keeps_its_copy_then_takes_the_next_one(
-    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
 ) -> None:
     api.create(locusttest("kept"))
     api.create(locusttest("removed"))
@@ -185,7 +187,7 @@ def test_without_its_watcher_a_worker_keeps_its_copy_then_takes_the_next_one(
 
 
 def test_a_lookup_in_flight_fails_when_the_watcher_goes(
-    api: FakeKubeAPI, start_watcher: Callable[[], Watcher], worker: FeedSource
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
 ) -> None:
     watcher = start_watcher()
     wait_until(worker.ready)

@@ -141,6 +141,8 @@ class FeedServer:
         return b"".join(lines)
 
     def _send(self, peer: _Peer, data: bytes) -> None:
+        if peer not in self._peers:
+            return  # dropped meanwhile (an answer that came after its worker left)
         try:
             with peer.lock:
                 peer.conn.sendall(data)
