@@ -445,6 +445,9 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
         str(grace),
         env=cluster_env(api, tmp_path),
     ) as server:
+        # Both workers up first: a SIGTERM in a worker's first milliseconds, before gunicorn
+        # has installed its handlers, is lost, and the master waits out the grace for it.
+        wait_until(lambda: all_listed(server), what="both workers with their copy")
         # Created after the first list and never delivered by the watch: every admission
         # looks it up with a direct GET, which the API answers after 2 s.
         api.lag = 3600
