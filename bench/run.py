@@ -65,7 +65,10 @@ import reviews  # noqa: E402
 from kubeapi import FakeKubeAPI  # noqa: E402
 from server_process import free_port, make_certs  # noqa: E402
 
+from webhook.config import ServeSettings  # noqa: E402
 from webhook.server import GC_THRESHOLDS  # noqa: E402
+
+WORKERS = ServeSettings().workers  # serve's default: the bench runs serve on its defaults
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -736,7 +739,7 @@ def served_memory(
         if server.watcher() is not None:
             # Every worker has its copy of the watcher's LocustTests (each logs it once).
             deadline = time.monotonic() + 120
-            while server.log_file.read_text().count("LocustTests from the watcher") < 2:
+            while server.log_file.read_text().count("LocustTests from the watcher") < WORKERS:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"workers got no LocustTests; see {server.log_file}")
                 time.sleep(0.1)
@@ -1166,7 +1169,7 @@ def main() -> int:
             )
             print("scale: LocustTests cached (a server per count)", flush=True)
             cache_rows = cache_curve(tmp, certs, counts, 2 if quick else 3, 2 if quick else 5)
-            report.add("## Scale: LocustTests cached (`serve`, 2 workers)")
+            report.add(f"## Scale: LocustTests cached (`serve`, {WORKERS} workers)")
             report.add()
             report.add(
                 "Worker memory after boot and a few seconds of load (VmRSS / RssAnon / Pss per "

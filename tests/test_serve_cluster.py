@@ -105,6 +105,27 @@ def test_metrics_are_the_workers_and_the_watchers_alone(api: FakeKubeAPI, tmp_pa
         assert writers == server.workers(2) | {server.watcher()}
 
 
+def test_a_dead_worker_or_watcher_leaves_no_live_gauges(api: FakeKubeAPI, tmp_path: Path) -> None:
+    """The live gauges (cache_synced, cache size, certificate expiry) of an exited process are
+    dropped when gunicorn or `serve` restarts it: a dead process's values would stay in
+    /metrics for good."""
+    api.create(locusttest("early", otel=OTEL))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    env = {**cluster_env(api, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    with serve(tmp_path, "--workers", "2", env=env) as server:
+        wait_until(lambda: server.copies_received() == 2)
+        worker, watcher = min(server.workers(2)), server.watcher()
+        for pid in (worker, watcher):
+            assert list(metrics_dir.glob(f"gauge_live*_{pid}.db"))
+            os.kill(pid, signal.SIGKILL)
+        # The new worker gets its copy from the new watcher.
+        wait_until(lambda: server.copies_received() == 3, timeout=30)
+        for pid in (worker, watcher):
+            assert not list(metrics_dir.glob(f"gauge_live*_{pid}.db"))
+        assert "locust_webhook_cache_synced 1.0" in server.metrics()
+
+
 def test_lagging_watch_is_covered_by_a_direct_get(api: FakeKubeAPI, tmp_path: Path) -> None:
     with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
         api.lag = 30.0

@@ -18,7 +18,7 @@ from . import logs
 from .config import ServeSettings
 from .lookup import DirectorySource, LocustTestSource
 from .tls import ReloadingContext
-from .watcher import Watcher
+from .watcher import Watcher, forget_process
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             logs.LINES.stop()
 
         def child_exit(_server: Any, worker: Any) -> None:
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
+            forget_process(worker.pid)
 
         options = {
             "bind": f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}",

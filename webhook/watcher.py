@@ -92,7 +92,7 @@ class Watcher:
             code = self._process.wait()  # 0 as well when gunicorn's master reaped it first
             if self._stopping.is_set():
                 return
-            _forget(self._process.pid)
+            forget_process(self._process.pid)
             if time.monotonic() - started > STEADY:
                 backoff.reset()
             log.error("the LocustTest watcher process exited (code %s), restarting it", code)
@@ -107,8 +107,8 @@ class Watcher:
                 return
 
 
-def _forget(pid: int) -> None:
-    """Drop the live gauges of an exited process from /metrics."""
+def forget_process(pid: int) -> None:
+    """Drop the live gauges of an exited process (the watcher, a worker) from /metrics."""
     from prometheus_client import multiprocess
 
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
