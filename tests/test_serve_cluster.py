@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -90,15 +91,23 @@ def test_locusttests_created_and_changed_after_start_are_used(
         assert all(r.headers.get("authorization") == f"Bearer {api.token}" for r in api.requests)
 
 
-def test_metrics_are_the_workers_and_the_watchers_alone(api: FakeKubeAPI, tmp_path: Path) -> None:
-    """The master imports the workers' modules before forking; it must not write metrics of its
-    own (its 0 would hold the `livemin` gauge cache_synced at 0 for good)."""
+@contextlib.contextmanager
+def serve_with_metrics_dir(api: FakeKubeAPI, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
+    """`serve` with 2 workers, one LocustTest and a metrics directory of the test's own, once
+    both workers have their copy."""
     api.create(locusttest("early", otel=OTEL))
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     env = {**cluster_env(api, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     with serve(tmp_path, "--workers", "2", env=env) as server:
         wait_until(lambda: server.copies_received() == 2)
+        yield server, metrics_dir
+
+
+def test_metrics_are_the_workers_and_the_watchers_alone(api: FakeKubeAPI, tmp_path: Path) -> None:
+    """The master imports the workers' modules before forking; it must not write metrics of its
+    own (its 0 would hold the `livemin` gauge cache_synced at 0 for good)."""
+    with serve_with_metrics_dir(api, tmp_path) as (server, metrics_dir):
         assert "locust_webhook_cache_synced 1.0" in server.metrics()
         assert "locust_webhook_locusttests_cached 1.0" in server.metrics()
         writers = {int(path.stem.rsplit("_", 1)[1]) for path in metrics_dir.glob("*.db")}
@@ -109,12 +118,7 @@ def test_a_dead_worker_or_watcher_leaves_no_live_gauges(api: FakeKubeAPI, tmp_pa
     """The live gauges (cache_synced, cache size, certificate expiry) of an exited process are
     dropped when gunicorn or `serve` restarts it: a dead process's values would stay in
     /metrics for good."""
-    api.create(locusttest("early", otel=OTEL))
-    metrics_dir = tmp_path / "metrics"
-    metrics_dir.mkdir()
-    env = {**cluster_env(api, tmp_path), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    with serve(tmp_path, "--workers", "2", env=env) as server:
-        wait_until(lambda: server.copies_received() == 2)
+    with serve_with_metrics_dir(api, tmp_path) as (server, metrics_dir):
         worker, watcher = min(server.workers(2)), server.watcher()
         for pid in (worker, watcher):
             assert list(metrics_dir.glob(f"gauge_live*_{pid}.db"))
