@@ -278,7 +278,10 @@ def test_tls_secret_is_mounted_as_a_directory_at_the_configured_paths(overlay: s
         assert not files or name in files
     (tmp,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/tmp"]
     volumes = webhook_pod(objects)["spec"]["volumes"]
-    assert any(v["name"] == tmp["name"] and "emptyDir" in v for v in volumes)
+    (scratch,) = [v for v in volumes if v["name"] == tmp["name"]]
+    # gunicorn's heartbeat and the metrics files are written all the time: never to a disk.
+    assert scratch["emptyDir"]["medium"] == "Memory"
+    assert scratch["emptyDir"]["sizeLimit"]
 
 
 def rules_of(objects: Objects, account: str) -> dict[str, list[Any]]:
