@@ -23,6 +23,7 @@ Needs `wrk` (Debian package `wrk`). Prints the tables and rewrites bench/RESULTS
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import contextlib
 import datetime
@@ -34,6 +35,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import ssl
 import statistics
@@ -57,8 +59,15 @@ RESULTS = BENCH / "RESULTS.md"
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(ROOT))
 
+# Scratch (the servers' TMPDIR: gunicorn's heartbeat files, the metrics files) in memory when
+# the machine has /dev/shm, as the Deployment's /tmp is; removed on the way out.
+SHM = "/dev/shm"
+SCRATCH = tempfile.mkdtemp(prefix="bench-", dir=SHM if os.access(SHM, os.W_OK) else None)
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+os.environ["TMPDIR"] = SCRATCH
+tempfile.tempdir = None  # read TMPDIR again
 # Metrics as under `serve` (multiprocess files): set before webhook.metrics is imported.
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="bench-metrics-"))
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="metrics-"))
 
 import orjson  # noqa: E402
 import reviews  # noqa: E402
@@ -943,7 +952,8 @@ def main() -> int:
         f"`{command}` (`make bench` runs it), "
         f"{info['date']}; {info['nproc']} CPUs ({info['cpu']}), Python {info['python']}, "
         f"Linux {info['kernel']}, {info['wrk']}. The load generator shares the CPUs with the "
-        f"servers. Load average at start: {info['load']}. Latencies in ms."
+        f"servers. Load average at start: {info['load']}. Scratch directory (the servers' "
+        f"TMPDIR): {SCRATCH}. Latencies in ms."
     )
     report.add()
 
