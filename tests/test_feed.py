@@ -3,6 +3,7 @@ FeedSources, as `serve` runs them in its watcher process and its workers."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from kubernetes import config
 from prometheus_client import REGISTRY
 from test_cache import locusttest, wait_until
 
+from webhook import feed
 from webhook.cache import ClusterSource
 from webhook.feed import FeedServer, FeedSource
 from webhook.lookup import SourceUnavailable
@@ -197,6 +199,78 @@ def test_a_lookup_in_flight_fails_when_the_watcher_goes(
     with pytest.raises(SourceUnavailable, match="the connection closed"):
         worker.get("default", "slow")
     assert time.monotonic() - started < 1.5
+
+
+def many_long_locusttests(api: FakeKubeAPI, count: int = 4000) -> None:
+    """LocustTests whose full copy (~1.2 MB) is larger than a Unix socket buffers."""
+    for i in range(count):
+        api.create(locusttest(f"{'long-name-' * 20}{i}", f"ns-{i % 7}"))
+
+
+def test_a_worker_that_reads_nothing_holds_up_no_other(
+    api: FakeKubeAPI,
+    start_watcher: Callable[[], InThreadWatcher],
+    path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(feed, "SEND_TIMEOUT", 60.0)  # the silent worker is not dropped meanwhile
+    many_long_locusttests(api)
+    watcher = start_watcher()
+    wait_until(watcher.source.ready)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(path))  # and never reads: its copy fills the socket and stops
+        healthy = FeedSource(str(path))
+        healthy.start()
+        try:
+            wait_until(lambda: healthy.ready() and healthy.size() == 4000)
+            api.create(locusttest("after", "ns-0"))
+            wait_until(lambda: healthy.size() == 4001)
+        finally:
+            healthy.stop()
+
+
+@pytest.mark.parametrize(
+    ("send_timeout", "max_behind", "why"),
+    [
+        (1.0, feed.MAX_BEHIND, "Resource temporarily unavailable"),
+        (60.0, 2000, "it is 2000 bytes behind"),
+    ],
+    ids=["reads nothing for the send timeout", "falls too far behind"],
+)
+def test_a_worker_that_reads_nothing_is_dropped(
+    api: FakeKubeAPI,
+    start_watcher: Callable[[], InThreadWatcher],
+    path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    send_timeout: float,
+    max_behind: int,
+    why: str,
+) -> None:
+    monkeypatch.setattr(feed, "SEND_TIMEOUT", send_timeout)
+    monkeypatch.setattr(feed, "MAX_BEHIND", max_behind)
+    many_long_locusttests(api)
+    watcher = start_watcher()
+    wait_until(watcher.source.ready)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.connect(str(path))
+        silent.recv(1, socket.MSG_PEEK)  # its copy is on its way: the socket fills and stops
+        for i in range(20):  # ~6 KB of changes wait behind it
+            api.create(locusttest(f"{'change-' * 30}{i}", "ns-0"))
+        wait_until(lambda: "dropping a worker's feed connection" in caplog.text)
+        assert why in caplog.text
+        silent.settimeout(5.0)
+        received = b""
+        while chunk := silent.recv(1 << 16):  # what was buffered, then the end
+            received += chunk
+    assert received.startswith(b'["reset"]')
+    assert not received.endswith(b'["synced"]\n')  # cut off: it never had the whole copy
+    late = FeedSource(str(path))
+    late.start()
+    try:
+        wait_until(lambda: late.ready() and late.size() == 4020)
+    finally:
+        late.stop()
 
 
 def test_a_worker_never_imports_the_kubernetes_client() -> None:

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CHUNK = 500  # records per "put" line of a full copy
 SEND_TIMEOUT = 5.0  # a worker that reads nothing for this long is dropped
+MAX_BEHIND = 32 * 1024 * 1024  # bytes waiting for a worker before it is dropped (it then
+# reconnects and starts again from a full copy); a single message of any size is let through
 ANSWER_MARGIN = 1.0  # on top of the lookup timeout, for the watcher's answer to arrive
 
 
@@ -44,7 +46,8 @@ def _line(message: list[Any]) -> bytes:
 
 
 class _Peer:
-    """One worker's connection, in the watcher."""
+    """One worker's connection, in the watcher. What is sent to it waits in its outbox for its
+    own writing thread: a worker that reads slowly, or not at all, delays no one else."""
 
     def __init__(self, conn: socket.socket) -> None:
         # A send timeout only: the reading thread blocks until the worker speaks.
@@ -52,14 +55,48 @@ class _Peer:
             socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0)
         )
         self.conn = conn
-        self.lock = threading.Lock()
+        self.closed = False
+        self._outbox: list[bytes] = []
+        self._queued = 0
+        self._pending = threading.Condition()
+
+    def post(self, data: bytes) -> bool:
+        """Queue `data` for the writing thread; False when the worker is too far behind."""
+        with self._pending:
+            if self._outbox and self._queued + len(data) > MAX_BEHIND:
+                return False
+            self._outbox.append(data)
+            self._queued += len(data)
+            self._pending.notify()
+        return True
+
+    def write(self) -> None:
+        """Send what is queued, in order, until `close()`. Raises OSError when the worker has
+        read nothing for SEND_TIMEOUT or the connection failed."""
+        while True:
+            with self._pending:
+                while not self._outbox and not self.closed:
+                    self._pending.wait()
+                if self.closed:
+                    return
+                data = b"".join(self._outbox)
+                self._outbox, self._queued = [], 0
+            self.conn.sendall(data)
+
+    def close(self) -> None:
+        with self._pending:
+            self.closed = True
+            self._pending.notify()
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked on it
+        self.conn.close()
 
 
 class FeedServer:
     """The watcher's side: sends the cache to every connected worker and answers its misses.
 
-    It is the ClusterSource's listener: changes are sent from the thread that made them, under
-    one lock, so a worker receives them in the order they were made.
+    It is the ClusterSource's listener: changes are queued from the thread that made them,
+    under one lock, so a worker receives them in the order they were made.
     """
 
     def __init__(self, path: str) -> None:
@@ -94,6 +131,7 @@ class FeedServer:
                 if source.ready():
                     self._send(peer, self._copy())
             threading.Thread(target=self._read, args=(peer,), daemon=True).start()
+            threading.Thread(target=self._write, args=(peer,), daemon=True).start()
 
     def stop(self) -> None:
         """Stop listening, the source, and every worker's connection (workers reconnect)."""
@@ -103,8 +141,6 @@ class FeedServer:
         self._socket.close()
         with self._lock:
             for peer in list(self._peers):
-                with contextlib.suppress(OSError):
-                    peer.conn.shutdown(socket.SHUT_RDWR)
                 self._drop(peer)
         if self._source is not None:
             self._source.stop()
@@ -141,18 +177,23 @@ class FeedServer:
         return b"".join(lines)
 
     def _send(self, peer: _Peer, data: bytes) -> None:
-        if peer not in self._peers:
+        if peer.closed:
             return  # dropped meanwhile (an answer that came after its worker left)
-        try:
-            with peer.lock:
-                peer.conn.sendall(data)
-        except OSError as exc:
-            log.warning("dropping a worker's feed connection: %s", exc)
+        if not peer.post(data):
+            log.warning("dropping a worker's feed connection: it is %d bytes behind", MAX_BEHIND)
             self._drop(peer)
 
     def _drop(self, peer: _Peer) -> None:
         self._peers.discard(peer)
-        peer.conn.close()
+        peer.close()
+
+    def _write(self, peer: _Peer) -> None:
+        try:
+            peer.write()
+        except OSError as exc:
+            if not peer.closed:
+                log.warning("dropping a worker's feed connection: %s", exc)
+        self._drop(peer)
 
     def _read(self, peer: _Peer) -> None:
         try:
