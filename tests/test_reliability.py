@@ -11,6 +11,8 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ import pytest
 from fixtures import locusttest, operator_pod
 from kubeapi import FakeKubeAPI
 from reliability_summary import Recorder, reliability
-from server_process import Server, post_review, serve
+from server_process import Server, free_port, make_certs, post_review, serve
 from test_tls_reload import SecretVolume, certs, fingerprint
 
 from webhook.tls import REQUEST_READ_BUDGET
@@ -445,8 +447,7 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
         str(grace),
         env=cluster_env(api, tmp_path),
     ) as server:
-        # Both workers up first: a SIGTERM in a worker's first milliseconds, before gunicorn
-        # has installed its handlers, is lost, and the master waits out the grace for it.
+        # Both workers up first, with their copy: the admissions meet workers that serve.
         wait_until(lambda: all_listed(server), what="both workers with their copy")
         # Created after the first list and never delivered by the watch: every admission
         # looks it up with a direct GET, which the API answers after 2 s.
@@ -488,6 +489,60 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
         assert failures == []
         assert exited < grace, f"exited {exited:.1f} s after SIGTERM"
         assert server.process.returncode == 0
+
+
+SLOW_BOOT = """
+import os, sys, tempfile, time
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp())
+from webhook.config import ServeSettings
+from webhook.server import WebhookServer
+
+class SlowBoot(WebhookServer):
+    def load_config(self):
+        super().load_config()
+        hook = self.cfg.post_fork
+
+        def post_fork(server, worker):
+            hook(server, worker)
+            print("worker forked", file=sys.stderr, flush=True)
+            time.sleep(20)  # before gunicorn installs the worker's own handlers: widened
+
+        self.cfg.set("post_fork", post_fork)
+
+cert_dir, port, locusttests, grace = sys.argv[1:]
+SlowBoot(ServeSettings(
+    cert_file=f"{cert_dir}/tls.crt", key_file=f"{cert_dir}/tls.key", host="127.0.0.1",
+    port=int(port), locusttests=locusttests, workers=1, graceful_timeout=int(grace),
+)).run()
+"""
+
+
+def test_sigterm_while_a_worker_boots_stops_it_at_once(tmp_path: Path) -> None:
+    """The fork gives a worker the master's signal handlers until gunicorn installs its own;
+    a SIGTERM then must still stop it, not leave the master waiting out the grace."""
+    grace = 30
+    locusttests = tmp_path / "locusttests"
+    locusttests.mkdir()
+    log_file = tmp_path / "server.log"
+    arguments = [str(make_certs(tmp_path / "certs")), str(free_port()), str(locusttests)]
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-c", SLOW_BOOT, *arguments, str(grace)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until(lambda: "worker forked" in log_file.read_text(), what="a worker forked")
+        stopped = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+        assert time.monotonic() - stopped < 5, log_file.read_text()
+        assert process.returncode == 0, log_file.read_text()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 # -- 4/5. transport abuse --------------------------------------------------------------------

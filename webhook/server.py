@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 import ssl
 import tempfile
 from typing import Any
@@ -55,6 +56,17 @@ def share_with_workers() -> None:
     gc.freeze()
 
 
+def stop_signals_stop_a_booting_worker() -> None:
+    """In a worker just forked, until gunicorn installs the worker's own handlers: the fork
+    copies the master's, which would only queue a SIGTERM in this process, where nothing reads
+    it. The worker would then boot and serve, and the master would wait out the graceful
+    timeout before killing it. A worker that has served nothing may stop at once. (gunicorn's
+    post_fork hook comes after the worker binds its socket: a signal before that is still
+    lost, a window of well under a millisecond where it was the whole start of the boot.)"""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def build_source(settings: ServeSettings, feed: str | None) -> LocustTestSource:
     """The directory source when --locusttests is set, else the watcher's feed at `feed`."""
     if settings.locusttests:
@@ -100,6 +112,9 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         def pre_fork(_server: Any, _worker: Any) -> None:
             share_with_workers()
 
+        def post_fork(_server: Any, _worker: Any) -> None:
+            stop_signals_stop_a_booting_worker()
+
         def worker_exit(_server: Any, _worker: Any) -> None:
             if self.source is not None:
                 self.source.stop()
@@ -122,6 +137,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "keyfile": s.key_file,
             "ssl_context": ssl_context,
             "pre_fork": pre_fork,
+            "post_fork": post_fork,
             "post_worker_init": post_worker_init,
             "worker_exit": worker_exit,
             "child_exit": child_exit,
