@@ -60,9 +60,9 @@ def stop_signals_stop_a_booting_worker() -> None:
     """In a worker just forked, until gunicorn installs the worker's own handlers: the fork
     copies the master's, which would only queue a SIGTERM in this process, where nothing reads
     it. The worker would then boot and serve, and the master would wait out the graceful
-    timeout before killing it. A worker that has served nothing may stop at once. (gunicorn's
-    post_fork hook comes after the worker binds its socket: a signal before that is still
-    lost, a window of well under a millisecond where it was the whole start of the boot.)"""
+    timeout before killing it. A worker that has served nothing may stop at once. (gunicorn
+    calls post_fork once the worker has bound its socket: a signal before that is still lost,
+    but the window shrinks to that bind.)"""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, signal.SIG_DFL)
 
