@@ -122,6 +122,12 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLOCK_TICKS
 
 
+def cpu_counters() -> list[int]:
+    """The machine's CPU time counters (the `cpu` line of /proc/stat: user, nice, system, idle,
+    iowait, irq, softirq, steal, then guest times already counted in user and nice)."""
+    return [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+
+
 def memory_kb(pid: int) -> dict[str, int]:
     """VmRSS and RssAnon from status, Pss from smaps_rollup (kB)."""
     out: dict[str, int] = {}
@@ -943,6 +949,7 @@ def main() -> int:
     quiet_logging()
     info = machine()
     began = time.monotonic()
+    counters = cpu_counters()
     report = Report()
     flags = " ".join(sys.argv[1:])
     command = f".venv/bin/python bench/run.py{' ' + flags if flags else ''}"
@@ -1370,10 +1377,13 @@ def main() -> int:
             ]
         )
         report.table(["target", "measured", "holds"], trows)
+        spent = [b - a for a, b in zip(counters, cpu_counters(), strict=True)]
+        steal = spent[7] / sum(spent[:8])
         report.add(
             f"Total run time: {time.monotonic() - began:.0f} s; load average at the end: "
             + " ".join(f"{x:.2f}" for x in os.getloadavg())
-            + " (the machine is shared: other processes' load widens the tails)."
+            + " (the benchmark's own load generator and servers included); CPU time taken by the"
+            + f" hypervisor from this machine during the run (steal): {steal:.1%}."
         )
 
     if not args.no_write:
