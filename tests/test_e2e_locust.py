@@ -46,6 +46,9 @@ CLUSTER_TARGET = "http://shop.shop-system.svc:8080"
 IMAGE = "locustio/locust:2.47.0"
 MASTER_PORT = 5557
 PROCESS_CAP = 90.0  # seconds any Locust process may live, whatever happens
+# locust.runners.MASTER_HEARTBEAT_TIMEOUT: how long a worker waits for the master's heartbeats
+# before it quits (importing locust here would monkey-patch this process with gevent)
+LOCUST_MASTER_HEARTBEAT_TIMEOUT = 60
 
 # users, spawn rate and run time come from the LocustTest, as in a cluster; --stop-timeout lets
 # users finish the request in flight at the end, so Locust's stats and the spans count the same
@@ -355,7 +358,11 @@ def run_load_test(scenario: Scenario, server: Server, receiver: OtlpReceiver, tm
             locust_master.signal_group(signal.SIGTERM)
             if scenario.delivers:
                 locust_master.wait(30)
-                locust_worker.wait(30)
+                # A worker that never got the master's quit message (seen once on a loaded
+                # machine: the worker logged nothing more) quits on its own once the master's
+                # heartbeats have stopped for 60 s, as it would in its pod, and flushes its
+                # telemetry on the way out all the same.
+                locust_worker.wait(LOCUST_MASTER_HEARTBEAT_TIMEOUT + 10)
             else:
                 # failing exports retry until OTEL_EXPORTER_OTLP_TIMEOUT (10 s) per signal
                 # before the process exits; done waiting once each has given up on them
