@@ -492,8 +492,7 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
 
 
 SLOW_BOOT = """
-import os, sys, tempfile, time
-os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp())
+import sys, time
 from webhook.config import ServeSettings
 from webhook.server import WebhookServer
 
@@ -523,6 +522,8 @@ def test_sigterm_while_a_worker_boots_stops_it_at_once(tmp_path: Path) -> None:
     grace = 30
     locusttests = tmp_path / "locusttests"
     locusttests.mkdir()
+    metrics = tmp_path / "metrics"  # as `serve` sets it up
+    metrics.mkdir()
     log_file = tmp_path / "server.log"
     arguments = [str(make_certs(tmp_path / "certs")), str(free_port()), str(locusttests)]
     with open(log_file, "wb") as log:
@@ -530,6 +531,7 @@ def test_sigterm_while_a_worker_boots_stops_it_at_once(tmp_path: Path) -> None:
             [sys.executable, "-c", SLOW_BOOT, *arguments, str(grace)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics)},
             start_new_session=True,
         )
     try:

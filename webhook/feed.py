@@ -63,6 +63,8 @@ class _Peer:
     def post(self, data: bytes) -> bool:
         """Queue `data` for the writing thread; False when the worker is too far behind."""
         with self._pending:
+            if self.closed:
+                return True  # dropped meanwhile (an answer that came after its worker left)
             if self._outbox and self._queued + len(data) > MAX_BEHIND:
                 return False
             self._outbox.append(data)
@@ -177,23 +179,21 @@ class FeedServer:
         return b"".join(lines)
 
     def _send(self, peer: _Peer, data: bytes) -> None:
-        if peer.closed:
-            return  # dropped meanwhile (an answer that came after its worker left)
         if not peer.post(data):
-            log.warning("dropping a worker's feed connection: it is %d bytes behind", MAX_BEHIND)
-            self._drop(peer)
+            self._drop(peer, f"it is {MAX_BEHIND} bytes behind")
 
-    def _drop(self, peer: _Peer) -> None:
+    def _drop(self, peer: _Peer, reason: str = "") -> None:
+        """Close the worker's connection (it reconnects); `reason` is logged, once."""
+        if reason and not peer.closed:
+            log.warning("dropping a worker's feed connection: %s", reason)
         self._peers.discard(peer)
         peer.close()
 
     def _write(self, peer: _Peer) -> None:
         try:
-            peer.write()
+            peer.write()  # returns once the peer is dropped
         except OSError as exc:
-            if not peer.closed:
-                log.warning("dropping a worker's feed connection: %s", exc)
-        self._drop(peer)
+            self._drop(peer, str(exc))
 
     def _read(self, peer: _Peer) -> None:
         try:
