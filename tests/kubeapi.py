@@ -388,6 +388,8 @@ class FakeKubeAPI:
         with self._cond:
             headers = {k.lower(): v for k, v in h.headers.items()}
             self.requests.append(Request(h.command, url.path, query, headers))
+            # A watch received before cut_watches() is one it cuts, however late it streams.
+            cut = self._cut
             failure = self._failure_code if self._failures > 0 else 0
             self._failures = max(0, self._failures - 1)
         if self.latency and self._stopping.wait(self.latency):
@@ -416,7 +418,7 @@ class FakeKubeAPI:
                 )
             return self._get(h, version, namespace, name)
         if query.get("watch") in TRUE:
-            return self._watch(h, version, namespace, query)
+            return self._watch(h, version, namespace, query, cut)
         return self._list(h, version, namespace, query)
 
     def _get(self, h: _Handler, version: str, namespace: str, name: str) -> None:
@@ -453,7 +455,7 @@ class FakeKubeAPI:
         _send(h, 200, body)
 
     def _watch(
-        self, h: _Handler, version: str, namespace: str | None, query: dict[str, str]
+        self, h: _Handler, version: str, namespace: str | None, query: dict[str, str], cut: int
     ) -> None:
         start = query.get("resourceVersion", "")
         bookmarks = query.get("allowWatchBookmarks") in TRUE
@@ -463,7 +465,6 @@ class FakeKubeAPI:
         h.send_header("Transfer-Encoding", "chunked")
         h.end_headers()
         with self._cond:
-            cut = self._cut
             if start in ("", "0"):
                 # No resourceVersion: the current state as synthetic ADDED events, then changes.
                 position = self._resource_version
