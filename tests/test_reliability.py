@@ -492,33 +492,44 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
 
 
 SLOW_BOOT = """
-import sys, time
+import os, sys, time
 from webhook.config import ServeSettings
 from webhook.server import WebhookServer
+
+cert_dir, port, locusttests, grace, where = sys.argv[1:]
+
+
+def boot_slowly(seconds):
+    print("worker forked", file=sys.stderr, flush=True)
+    time.sleep(seconds)
+
 
 class SlowBoot(WebhookServer):
     def load_config(self):
         super().load_config()
-        hook = self.cfg.post_fork
+        if where == "post_fork":
+            self.cfg.set("post_fork", lambda server, worker: boot_slowly(20))
 
-        def post_fork(server, worker):
-            hook(server, worker)
-            print("worker forked", file=sys.stderr, flush=True)
-            time.sleep(20)  # before gunicorn installs the worker's own handlers: widened
 
-        self.cfg.set("post_fork", post_fork)
-
-cert_dir, port, locusttests, grace = sys.argv[1:]
-SlowBoot(ServeSettings(
+if where == "fork, signals blocked":  # runs in the worker before the server's at-fork hook
+    os.register_at_fork(after_in_child=lambda: boot_slowly(2))
+server = SlowBoot(ServeSettings(
     cert_file=f"{cert_dir}/tls.crt", key_file=f"{cert_dir}/tls.key", host="127.0.0.1",
     port=int(port), locusttests=locusttests, workers=1, graceful_timeout=int(grace),
-)).run()
+))
+if where == "fork":  # runs in the worker after the server's at-fork hook
+    os.register_at_fork(after_in_child=lambda: boot_slowly(20))
+server.run()
 """
 
 
-def test_sigterm_while_a_worker_boots_stops_it_at_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["fork, signals blocked", "fork", "post_fork"])
+def test_sigterm_while_a_worker_boots_stops_it_at_once(tmp_path: Path, where: str) -> None:
     """The fork gives a worker the master's signal handlers until gunicorn installs its own;
-    a SIGTERM then must still stop it, not leave the master waiting out the grace."""
+    a SIGTERM then must still stop it, not leave the master waiting out the grace. The worker's
+    boot is slowed down at three places: right after the fork while the stop signals are still
+    blocked, right after the fork once they are not, and in gunicorn's post_fork hook (after the
+    worker has bound its socket)."""
     grace = 30
     locusttests = tmp_path / "locusttests"
     locusttests.mkdir()
@@ -528,7 +539,7 @@ def test_sigterm_while_a_worker_boots_stops_it_at_once(tmp_path: Path) -> None:
     arguments = [str(make_certs(tmp_path / "certs")), str(free_port()), str(locusttests)]
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-c", SLOW_BOOT, *arguments, str(grace)],
+            [sys.executable, "-c", SLOW_BOOT, *arguments, str(grace), where],
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics)},

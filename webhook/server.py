@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import ssl
 import tempfile
@@ -56,15 +57,38 @@ def share_with_workers() -> None:
     gc.freeze()
 
 
-def stop_signals_stop_a_booting_worker() -> None:
-    """In a worker just forked, until gunicorn installs the worker's own handlers: the fork
-    copies the master's, which would only queue a SIGTERM in this process, where nothing reads
-    it. The worker would then boot and serve, and the master would wait out the graceful
-    timeout before killing it. A worker that has served nothing may stop at once. (gunicorn
-    calls post_fork once the worker has bound its socket: a signal before that is still lost,
-    but the window shrinks to that bind.)"""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, signal.SIG_DFL)
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+
+
+class WorkerForkSignals:
+    """The stop signals across the fork of a worker. A worker runs the master's handlers,
+    copied by the fork, until gunicorn installs its own; those only queue a signal in a process
+    where nothing reads it, so a SIGTERM there would be lost and the master would wait out the
+    graceful timeout. So the master blocks the stop signals just before it forks a worker, and
+    right after the fork (os.register_at_fork: before the worker runs any of gunicorn's code)
+    the master restores its mask, and the worker sets them to their default action, then
+    restores it. A stop signal that reaches a worker before it has handlers of its own (one
+    sent while they are blocked waits for the unblock) stops it: it has served nothing yet."""
+
+    def __init__(self) -> None:
+        self._mask: set[int | signal.Signals] | None = None  # the master's, while it forks a worker
+        os.register_at_fork(after_in_parent=self._in_master, after_in_child=self._in_worker)
+
+    def hold(self) -> None:
+        """In the master, just before it forks a worker."""
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def _in_master(self) -> None:
+        if self._mask is not None:
+            mask, self._mask = self._mask, None
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _in_worker(self) -> None:
+        if self._mask is not None:
+            mask, self._mask = self._mask, None
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
 def build_source(settings: ServeSettings, feed: str | None) -> LocustTestSource:
@@ -94,6 +118,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         self.feed = feed
         # Checked here, in the master, so a bad pair stops the start with a clear message.
         self.tls = ReloadingContext(settings.cert_file, settings.key_file)
+        self.fork_signals = WorkerForkSignals()
         self.source: LocustTestSource | None = None
         super().__init__()
 
@@ -111,9 +136,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
 
         def pre_fork(_server: Any, _worker: Any) -> None:
             share_with_workers()
-
-        def post_fork(_server: Any, _worker: Any) -> None:
-            stop_signals_stop_a_booting_worker()
+            self.fork_signals.hold()
 
         def worker_exit(_server: Any, _worker: Any) -> None:
             if self.source is not None:
@@ -137,7 +160,6 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "keyfile": s.key_file,
             "ssl_context": ssl_context,
             "pre_fork": pre_fork,
-            "post_fork": post_fork,
             "post_worker_init": post_worker_init,
             "worker_exit": worker_exit,
             "child_exit": child_exit,
