@@ -3,12 +3,14 @@
 the pod as wanted (`expected.yaml`). Each case goes through `run_mutation` (the patch applies
 to the pod as sent and yields the wanted pod, the result is a valid Pod, mutating twice equals
 once) and through the Handler as an AdmissionReview, whose encoded patch must yield the wanted
-pod too."""
+pod too; two of them also through `locust-webhook inject`."""
 
 from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from webhook.config import MutationSettings
 from webhook.handler import Handler
 
 CASES = Path(__file__).parent / "cases"
+CLI = str(Path(sys.executable).parent / "locust-webhook")
 NAMES = sorted(path.name for path in CASES.iterdir() if path.is_dir())
 
 
@@ -51,3 +54,18 @@ def test_golden_case(case: str) -> None:
     assert response["allowed"] is True
     patch = json.loads(base64.b64decode(response["patch"])) if "patch" in response else []
     assert jsonpatch.apply_patch(sent, patch) == expected
+
+
+@pytest.mark.parametrize("case", ["otel-master", "exporter-master"])
+def test_inject_prints_the_expected_pod(case: str) -> None:
+    """The README's offline example: `locust-webhook inject` on a case prints its expected pod."""
+    pod, test = CASES / case / "pod.yaml", CASES / case / "locusttest.yaml"
+    done = subprocess.run(
+        [CLI, "inject", "-f", str(pod), "--locusttest", str(test)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load(done.stdout) == load(case, "expected.yaml")
