@@ -2,8 +2,9 @@
 --minutes (default 10) at --rate admissions/s (default 500) on kept-alive connections, while
 LocustTests are created, updated and deleted every second.
 
-Prints per minute: requests, errors, p50/p99/max latency; and the RSS of every worker at the
-start and the end. Exits 1 on any error.
+Prints per minute: requests, errors, p50/p99/max latency and the RSS of every worker; and the
+RSS of every worker and of the watcher process at the start and the end. Exits 1 on any error,
+or when a worker was replaced during the run.
 """
 
 from __future__ import annotations
@@ -104,10 +105,6 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def workers(pid: int) -> list[int]:
-    return sorted(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
-
-
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
@@ -130,8 +127,9 @@ def main() -> int:
             "KUBERNETES_SERVICE_HOST": "",
         }
         with serve(tmp, "--workers", str(options.workers), env=env) as server:
-            pids = workers(server.process.pid)
-            rss_start = {pid: rss_kib(pid) for pid in pids}
+            pids = sorted(server.workers(options.workers))
+            watcher = server.watcher()
+            rss_start = {pid: rss_kib(pid) for pid in [*pids, watcher]}
             stop = threading.Event()
             counts = {"created": 0, "updated": 0, "deleted": 0}
             churner = threading.Thread(target=churn, args=(api, stop, counts), daemon=True)
@@ -179,8 +177,8 @@ def main() -> int:
                 report(minute, minutes[minute], seconds.get(minute), pids)
             stop.set()
             churner.join()
-            rss_end = {pid: rss_kib(pid) for pid in pids}
-            alive = workers(server.process.pid)
+            rss_end = {pid: rss_kib(pid) for pid in [*pids, watcher]}
+            alive = sorted(server.workers(options.workers, timeout=0))
     total = sum(len(lat) for lat, _ in minutes.values())
     errors = sum(err for _, err in minutes.values())
     print(
@@ -189,6 +187,7 @@ def main() -> int:
     )
     for pid in pids:
         print(f"worker {pid}: RSS {rss_start[pid]} KiB -> {rss_end[pid]} KiB")
+    print(f"watcher process {watcher}: RSS {rss_start[watcher]} KiB -> {rss_end[watcher]} KiB")
     print(f"total: {total} admissions, {errors} errors; workers unchanged: {alive == pids}")
     return 0 if errors == 0 and alive == pids and total > 0 else 1
 
