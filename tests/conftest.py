@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,14 @@ from webhook.patch import diff
 
 # The oldest and newest Kubernetes versions the webhook supports (native sidecars: 1.29).
 SCHEMA_VERSIONS = ("1.29.0", "1.33.0")
+
+
+def cli(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
+    """Run `locust-webhook ARGS`, output captured as text; `options` go to subprocess.run."""
+    command = [str(Path(sys.executable).parent / "locust-webhook"), *args]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=30, check=False, **options
+    )
 
 
 def validate_pod(pod: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import jsonpatch
 import pytest
 import yaml
+from conftest import cli
 from fixtures import locusttest, operator_pod
 from server_process import make_certs
 
@@ -25,15 +25,6 @@ from webhook.config import (
     add_options,
     serve_settings,
 )
-
-CLI = str(Path(sys.executable).parent / "locust-webhook")
-
-
-def cli(*args: str, **options: Any) -> subprocess.CompletedProcess[str]:
-    """Run `locust-webhook ARGS`, output captured as text; `options` go to subprocess.run."""
-    return subprocess.run(
-        [CLI, *args], capture_output=True, text=True, timeout=30, check=False, **options
-    )
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import jsonpatch
 import pytest
 import yaml
-from conftest import Source, run_mutation
+from conftest import Source, cli, run_mutation
 from fixtures import review
 
 from webhook.config import MutationSettings
 from webhook.handler import Handler
 
 CASES = Path(__file__).parent / "cases"
-CLI = str(Path(sys.executable).parent / "locust-webhook")
 NAMES = sorted(path.name for path in CASES.iterdir() if path.is_dir())
 
 
@@ -59,13 +56,12 @@ def test_golden_case(case: str) -> None:
 @pytest.mark.parametrize("case", ["otel-master", "exporter-master"])
 def test_inject_prints_the_expected_pod(case: str) -> None:
     """The README's offline example: `locust-webhook inject` on a case prints its expected pod."""
-    pod, test = CASES / case / "pod.yaml", CASES / case / "locusttest.yaml"
-    done = subprocess.run(
-        [CLI, "inject", "-f", str(pod), "--locusttest", str(test)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+    done = cli(
+        "inject",
+        "-f",
+        str(CASES / case / "pod.yaml"),
+        "--locusttest",
+        str(CASES / case / "locusttest.yaml"),
     )
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load(done.stdout) == load(case, "expected.yaml")
