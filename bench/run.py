@@ -1374,8 +1374,8 @@ def main() -> int:
         report.table(
             [
                 "target",
-                "measured (median)",
-                "95% interval of the median",
+                "measured",
+                "95% interval of the pairs' median",
                 "holds: median",
                 "holds: whole interval",
             ],
