@@ -2,7 +2,9 @@
 -- BENCH_BODIES (one JSON body per line). BENCH-UID-PLACEHOLDER (request.uid, and in the
 -- unique-pod mix also a pod annotation) becomes a uid of its own per request;
 -- BENCH-START-PLACEHOLDER (a pod annotation in the test-starts mix) becomes a number that is
--- new on each pass through the bodies, so each pass starts every test anew.
+-- new on each pass through the bodies, so each pass starts every test anew. Both carry
+-- BENCH_RUN, a number of its own per wrk run: without it a run would send the same values as
+-- the run before it, and the webhook could answer its first passes from what it remembered.
 --
 -- BENCH_RATE unset or 0: closed loop (each connection sends as soon as it has its answer).
 -- BENCH_RATE=R: paced at R requests/s in total, evenly over the threads (run it with one
@@ -27,6 +29,7 @@ end
 
 local UID, START = "BENCH-UID-PLACEHOLDER", "BENCH-START-PLACEHOLDER"
 local rate = tonumber(os.getenv("BENCH_RATE") or "0") or 0
+local run = tonumber(os.getenv("BENCH_RUN") or "0") or 0
 local bodies_file = os.getenv("BENCH_BODIES")
 local headers = { ["Content-Type"] = "application/json", ["Connection"] = "keep-alive" }
 
@@ -87,8 +90,8 @@ function request()
   if k == 1 then pass = pass + 1 end
   sent = sent + 1
   local values = {
-    [UID] = string.format("%08x-0000-4000-8000-%012x", id, sent),
-    [START] = string.format("%d-%d", id, pass),
+    [UID] = string.format("%08x-%04x-4000-8000-%012x", id, run % 65536, sent),
+    [START] = string.format("%d-%d-%d", run, id, pass),
   }
   local body, out = bodies[k], {}
   for i, slot in ipairs(body.slots) do

@@ -306,12 +306,16 @@ MIX_BODIES: dict[str, Callable[[], list[tuple[str, bytes]]]] = {
 }
 
 
+WRK_RUNS = itertools.count(1)  # tells each run's uids and test starts from the run before
+
+
 def run_wrk(server: Server, bodies: Path, scenario: Scenario, seconds: float) -> dict[str, Any]:
     """One wrk run; the script's numbers plus the server's CPU per request."""
     env = {
         **os.environ,
         "BENCH_BODIES": str(bodies),
         "BENCH_RATE": str(scenario.rate),
+        "BENCH_RUN": str(next(WRK_RUNS)),
         "BENCH_THREADS": str(scenario.threads),
     }
     command = [
