@@ -12,17 +12,22 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def coverage(n: int, k: int) -> float:
+    """P(k-th smallest < median < k-th largest) for n draws of a continuous distribution:
+    1 - 2 P(Binomial(n, 1/2) < k)."""
+    return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
+
+
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
     """An interval holding the median of what the values are drawn from with at least
     `confidence`, whatever their distribution: the k-th smallest and k-th largest value, for
-    the largest k whose coverage 1 - 2 P(Binomial(n, 1/2) < k) reaches it. None below 6
-    values (for 95%), where not even the smallest and largest do."""
+    the largest k whose `coverage` reaches it. None below 6 values (for 95%), where not even
+    the smallest and largest do."""
     ordered = sorted(values)
     n = len(ordered)
     best = 0
     for k in range(1, n // 2 + 1):
-        below = sum(math.comb(n, i) for i in range(k)) / 2**n
-        if 1 - 2 * below < confidence:
+        if coverage(n, k) < confidence:
             break
         best = k
     return (ordered[best - 1], ordered[n - best]) if best else None

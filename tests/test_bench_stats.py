@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -18,11 +17,6 @@ stats = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stats)
 
 
-def coverage(n: int, k: int) -> float:
-    """P(k-th smallest < median < k-th largest) for n draws of a continuous distribution."""
-    return 1 - 2 * sum(math.comb(n, i) for i in range(k)) / 2**n
-
-
 @pytest.mark.parametrize(
     ("n", "k"),
     # The widely tabulated ranks for a 95% interval of the median.
@@ -32,7 +26,7 @@ def test_interval_is_the_tabulated_order_statistics(n: int, k: int) -> None:
     values = [float(v) for v in random.Random(n).sample(range(1000), n)]
     ordered = sorted(values)
     assert stats.median_interval(values) == (ordered[k - 1], ordered[n - k])
-    assert coverage(n, k) >= 0.95 > coverage(n, k + 1)
+    assert stats.coverage(n, k) >= 0.95 > stats.coverage(n, k + 1)
 
 
 def test_too_few_values_give_no_interval() -> None:
