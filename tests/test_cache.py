@@ -513,6 +513,15 @@ def test_from_environment_without_any_configuration_says_so(
         ClusterSource.from_environment()
 
 
+def test_from_environment_with_a_broken_in_cluster_configuration_says_why(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.delenv("KUBERNETES_SERVICE_PORT", raising=False)
+    with pytest.raises(SourceUnavailable, match=r"in-cluster configuration.*host/port is not set"):
+        ClusterSource.from_environment()
+
+
 # -- the fake API server itself ---------------------------------------------------------------
 
 

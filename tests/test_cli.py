@@ -16,6 +16,7 @@ from conftest import cli
 from fixtures import locusttest, operator_pod
 from server_process import make_certs
 
+from webhook.certs import CERTS_OPTIONS
 from webhook.config import (
     MUTATION_OPTIONS,
     SERVE_OPTIONS,
@@ -90,6 +91,7 @@ def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "--cert-file" in done.stderr and "does not exist" in done.stderr
+    assert "`make certs`" in done.stderr
 
 
 def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
@@ -121,6 +123,21 @@ def test_serve_without_cluster_or_directory_says_what_to_set(tmp_path: Path) -> 
     assert done.returncode == 2
     assert "no Kubernetes API configuration" in done.stderr
     assert "KUBECONFIG" in done.stderr and "--locusttests" in done.stderr
+
+
+def test_serve_in_a_cluster_without_its_configuration_says_why(tmp_path: Path) -> None:
+    make_certs(tmp_path)
+    done = cli(
+        "serve",
+        "--cert-file",
+        str(tmp_path / "tls.crt"),
+        "--key-file",
+        str(tmp_path / "tls.key"),
+        env={"HOME": str(tmp_path), "KUBERNETES_SERVICE_HOST": "10.0.0.1"},
+    )
+    assert done.returncode == 2
+    assert "in-cluster configuration" in done.stderr
+    assert "host/port is not set" in done.stderr
 
 
 def test_help_shows_every_setting_with_env_and_default() -> None:
@@ -190,7 +207,7 @@ def test_readme_documents_every_setting_with_its_default() -> None:
     rows = {
         line.split("|")[1].strip(): line for line in readme.splitlines() if line.startswith("| `--")
     }
-    for option in (*SERVE_OPTIONS, *MUTATION_OPTIONS):
+    for option in (*SERVE_OPTIONS, *MUTATION_OPTIONS, *CERTS_OPTIONS):
         row = rows.get(f"`{option.flag}`")
         assert row is not None, f"{option.flag} is not in the README's configuration table"
         assert f"`{option.env}`" in row

@@ -113,7 +113,13 @@ class ClusterSource:
         """A source using the in-cluster service account, else KUBECONFIG or ~/.kube/config."""
         if os.environ.get("KUBERNETES_SERVICE_HOST"):
             configuration = client.Configuration()
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            try:
+                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            except config.ConfigException as exc:
+                raise SourceUnavailable(
+                    "cannot use the in-cluster configuration "
+                    f"(KUBERNETES_SERVICE_HOST is set): {exc}"
+                ) from exc
             return cls(
                 client.ApiClient(configuration), namespaces, lookup_timeout, listener=listener
             )

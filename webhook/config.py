@@ -317,6 +317,6 @@ def serve_settings(
             flag = "--" + name.replace("_", "-")
             raise SettingError(
                 f"{flag} ({ENV_PREFIX}{name.upper()}): {path!r} does not exist "
-                "(run `locust-webhook certs --out-dir certs` for development certificates)"
+                "(`make certs` writes development certificates for localhost there)"
             )
     return settings
