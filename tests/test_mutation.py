@@ -73,6 +73,15 @@ def test_target_is_first_locust_container_without_label_match() -> None:
     assert m.result.container == "demo-worker"
 
 
+def test_locust_image_behind_a_registry_port_is_recognised_without_a_tag() -> None:
+    pod = operator_pod("demo", "worker", image="registry.local:5000/team/locust")
+    pod["metadata"]["labels"].pop("performance-test-pod-name")
+    pod["spec"]["containers"][0]["args"] = ["--headless"]
+    pod["spec"]["containers"].insert(0, {"name": "helper", "image": "registry.local:5000/busybox"})
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-worker"
+
+
 def test_target_is_first_container_when_nothing_looks_like_locust() -> None:
     pod = operator_pod("demo", "worker")
     pod["metadata"]["labels"].pop("performance-test-pod-name")
@@ -182,6 +191,62 @@ def test_pod_configured_natively_by_the_operator_gets_an_empty_patch() -> None:
     assert m.patch == []
 
 
+def operator_native(role: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """A pod as the v2 operator builds it with OpenTelemetry on: the standard variables and
+    extraEnvVars (sorted), and `--otel` right before the mode flag; nothing else."""
+    env = [
+        {"name": "OTEL_TRACES_EXPORTER", "value": "otlp"},
+        {"name": "OTEL_METRICS_EXPORTER", "value": "otlp"},
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": spec["endpoint"]},
+        {"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": spec.get("protocol", "grpc")},
+    ]
+    if spec.get("insecure"):
+        env.append({"name": "OTEL_EXPORTER_OTLP_INSECURE", "value": "true"})
+    extra = spec.get("extraEnvVars", {})
+    env += [{"name": key, "value": extra[key]} for key in sorted(extra)]
+    pod = operator_pod("demo", role, env=env)
+    args = pod["spec"]["containers"][0]["args"]
+    args.insert(args.index(f"--{role}"), "--otel")
+    return pod
+
+
+@pytest.mark.parametrize("role", ["master", "worker"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        otel(),
+        otel(insecure=True, extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": "team=perf", "B": "2"}),
+    ],
+)
+def test_pod_the_real_operator_configured_is_left_as_it_is(role: str, spec: dict[str, Any]) -> None:
+    m = run_mutation(operator_native(role, spec), locusttest("demo", otel=spec))
+    assert m.patch == []
+    assert m.result.mode == "operator-native"
+
+
+def test_operator_configuration_missing_a_variable_is_completed_and_enriched() -> None:
+    spec = otel(insecure=True)
+    pod = operator_native("worker", spec)
+    env = pod["spec"]["containers"][0]["env"]
+    env[:] = [e for e in env if e["name"] != "OTEL_EXPORTER_OTLP_INSECURE"]
+    m = run_mutation(pod, locusttest("demo", otel=spec))
+    assert m.result.mode == "otel"
+    assert m.env_value("OTEL_EXPORTER_OTLP_INSECURE") == "true"
+    assert m.env_value("OTEL_SERVICE_NAME") == "demo"
+    assert m.container()["args"].count("--otel") == 1
+
+
+def test_operator_configured_pod_with_an_exporter_sidecar_loses_the_sidecar() -> None:
+    pod = operator_native("master", otel())
+    pod["spec"]["containers"] += operator_pod("demo", "master", with_exporter=True)["spec"][
+        "containers"
+    ][1:]
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.mode == "otel"
+    assert [c["name"] for c in m.pod["spec"]["containers"]] == ["demo-master"]
+    assert m.env_value("OTEL_SERVICE_NAME") == "demo"
+
+
 # --- Section 4.2: --otel ------------------------------------------------------------------
 
 
@@ -225,6 +290,37 @@ def test_shell_wrapped_locust_gets_the_env_switch_instead_of_the_flag() -> None:
     assert m.container()["args"] == container["args"]
     assert m.env_value("LOCUST_ENABLE_OPENTELEMETRY") == "true"
     assert m.result.role == "worker"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["/bin/sh", "-ec"],
+        ["bash", "-lc"],
+        ["sh", "-e", "-c"],
+        ["/usr/bin/env", "sh", "-c"],
+        ["env", "-i", "LANG=C.UTF-8", "bash", "-o", "pipefail", "-c"],
+    ],
+)
+def test_locust_behind_any_shell_c_form_gets_the_env_switch(command: list[str]) -> None:
+    pod = operator_pod("demo", "worker")
+    container = pod["spec"]["containers"][0]
+    container["command"] = command
+    container["args"] = ["locust -f /lotest/src/locustfile.py --worker", "ignored-0"]
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.container()["args"] == container["args"]
+    assert m.env_value("LOCUST_ENABLE_OPENTELEMETRY") == "true"
+    assert m.result.role == "worker"
+
+
+def test_shell_running_a_script_file_is_not_a_shell_c() -> None:
+    pod = operator_pod("demo", "worker")
+    container = pod["spec"]["containers"][0]
+    container["command"] = ["sh", "/docker-entrypoint.sh"]
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    args = m.container()["args"]
+    assert args.index("--otel") == args.index("--worker") - 1
+    assert "LOCUST_ENABLE_OPENTELEMETRY" not in m.env_names()
 
 
 # --- Section 4.3: no exporter with OTel -----------------------------------------------------
@@ -321,6 +417,8 @@ def test_pods_own_resource_attributes_are_left_alone() -> None:
             {"OTEL_SERVICE_NAME": "explicit", "OTEL_RESOURCE_ATTRIBUTES": "service.name=x"},
             "explicit",
         ),
+        # The SDK percent-decodes attribute values, not OTEL_SERVICE_NAME.
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout%20api%2Cv2"}, "checkout api,v2"),
     ],
 )
 def test_service_name(extra: dict[str, str], expected: str) -> None:
@@ -418,7 +516,9 @@ def test_container_mode_and_configured_exporter() -> None:
     assert m.pod["metadata"]["annotations"]["prometheus.io/port"] == "9700"
 
 
-@pytest.mark.parametrize("args", [["--web-port", "8090"], ["--web-port=8090"]])
+@pytest.mark.parametrize(
+    "args", [["--web-port", "8090"], ["--web-port=8090"], ["-P", "8090"], ["-P8090"]]
+)
 def test_exporter_follows_web_port(args: list[str]) -> None:
     m = run_mutation(operator_pod("demo", "master", extra_args=args), locusttest("demo"))
     uri = m.pod["spec"]["initContainers"][0]["env"][0]["value"]

@@ -133,6 +133,14 @@ class Handler:
                 f"LocustTest {namespace}/{test_name} could not be read ({exc}): "
                 "observability was not injected",
             )
+        except Exception:
+            log.exception("LocustTest lookup failed", extra={"uid": review.uid})
+            return self._refuse_or_allow(
+                review,
+                "internal-error",
+                f"LocustTest {namespace}/{test_name}: internal error while reading it: "
+                "observability was not injected",
+            )
         if test is None:
             return self._refuse_or_allow(
                 review,

@@ -18,7 +18,7 @@ from .exporter import (
     remove_metrics_exporter,
     scrape_annotation_warning,
 )
-from .otel import add_otel_flag, inject_otel_env, otel_warnings
+from .otel import add_otel_flag, configured_natively, inject_otel_env, otel_warnings
 from .pod import (
     STATUS_ANNOTATION,
     MalformedPod,
@@ -117,6 +117,12 @@ def mutate(
         mode = "otel"
         warnings.extend(otel_warnings(test, container))
         pod, removed = remove_metrics_exporter(pod, settings)
+        if not removed and configured_natively(test, container, target):
+            # SPEC section 6: a pod the v2 operator configured natively is left as it is.
+            return MutationResult(
+                pod, "operator-native", target.role, target.name, warnings=warnings,
+                notes=_job_note(pod, test, target.role),
+            )  # fmt: skip
         # Removing the exporter may shift the Locust container: find it again by name.
         index = next(i for i, c in enumerate(pod["spec"]["containers"]) if c["name"] == target.name)
         pod, env_added = inject_otel_env(

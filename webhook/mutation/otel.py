@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..models import PROTOCOLS, LocustTestInfo, OtelSpec
 from .pod import Container, Pod, Role, Target, env_value, with_container
@@ -25,7 +25,8 @@ def _service_name(test: LocustTestInfo, user_attributes: str | None, container: 
     attributes = env_value(container, RESOURCE_ATTRIBUTES)
     if attributes is None:
         attributes = user_attributes or ""
-    return parse_attributes(attributes).get("service.name") or test.name
+    # The SDK percent-decodes OTEL_RESOURCE_ATTRIBUTES values; OTEL_SERVICE_NAME is taken as is.
+    return unquote(parse_attributes(attributes).get("service.name") or "") or test.name
 
 
 # The pods of a test share these: computed once per test (and namespace and role), not per pod.
@@ -100,6 +101,20 @@ def desired_env(
     elif user_attributes is not None:
         env.append({"name": RESOURCE_ATTRIBUTES, "value": user_attributes})
     return env
+
+
+def configured_natively(test: LocustTestInfo, container: Container, target: Target) -> bool:
+    """The container already has what the v2 operator sets when it configures OpenTelemetry
+    itself: `--otel` (or its env switch) and every variable the spec asks for, by name."""
+    assert test.otel is not None
+    if OTEL_FLAG not in target.words and env_value(container, ENABLE_VAR) is None:
+        return False
+    standard, user_attributes = _spec_env(test.otel)
+    names = {entry["name"] for entry in container.get("env") or ()}
+    wanted = [name for name, _ in standard]
+    if user_attributes is not None:
+        wanted.append(RESOURCE_ATTRIBUTES)
+    return names.issuperset(wanted)
 
 
 def inject_otel_env(

@@ -25,6 +25,8 @@ EXPORTER_NAME = "locust-metrics-exporter"
 DEFAULT_WEB_PORT = 8089
 
 SHELLS = frozenset({"sh", "bash", "ash", "dash", "zsh", "ksh"})
+SHELL_OPTIONS_WITH_VALUE = frozenset({"-o", "+o", "-O", "+O", "--rcfile", "--init-file"})
+ENV_FLAGS = frozenset({"-i", "--ignore-environment", "-"})
 PROXY_NAMES = frozenset({"istio-proxy", "linkerd-proxy", "envoy", "envoy-sidecar"})
 PROXY_IMAGES = ("proxyv2", "linkerd2-proxy", "envoyproxy/envoy")
 LOCUST_FLAGS = frozenset({"-f", "--locustfile", "--master", "--worker"})
@@ -93,7 +95,10 @@ def opted_out(pod: Any) -> bool:
 
 
 def _image_repository(image: str) -> str:
-    return image.split("@", 1)[0].rsplit(":", 1)[0] if "/" in image or ":" in image else image
+    """The image without its digest and tag; a registry's `:port` is not a tag."""
+    name = image.split("@", 1)[0]
+    colon = name.rfind(":")
+    return name[:colon] if colon > name.rfind("/") else name
 
 
 def _is_sidecar(container: Container) -> bool:
@@ -103,13 +108,42 @@ def _is_sidecar(container: Container) -> bool:
     return name == EXPORTER_NAME or name in PROXY_NAMES or any(p in image for p in PROXY_IMAGES)
 
 
+def _shell_script(words: list[str]) -> str | None:
+    """The script of `sh -c SCRIPT`, else None. Options may surround -c or hold it (`-ec`,
+    `bash -lc`, `-o pipefail -c`), and `env [-i] [NAME=value]...` may come first."""
+    index = 0
+    if words and os.path.basename(words[0]) == "env":
+        index = 1
+        while index < len(words) and ("=" in words[index] or words[index] in ENV_FLAGS):
+            index += 1
+    if index >= len(words) or os.path.basename(words[index]) not in SHELLS:
+        return None
+    index += 1
+    command_mode = False
+    while index < len(words):
+        word = words[index]
+        if word == "--":
+            index += 1
+            break
+        if word in SHELL_OPTIONS_WITH_VALUE:
+            index += 2
+        elif word.startswith("--") or (len(word) > 1 and word[0] == "+"):
+            index += 1
+        elif len(word) > 1 and word[0] == "-":
+            command_mode = command_mode or "c" in word[1:]
+            index += 1
+        else:
+            break
+    return words[index] if command_mode and index < len(words) else None
+
+
 def locust_command(container: Container) -> tuple[list[str], bool]:
-    """The words Locust sees, and whether it is started through `sh -c "..."` (the words are
-    then those of the script)."""
+    """The words Locust sees, and whether it is started through a shell's `-c SCRIPT` (the
+    words are then those of the script)."""
     words = [*(container.get("command") or ()), *(container.get("args") or ())]
-    if not (words and os.path.basename(words[0]) in SHELLS and "-c" in words):
+    script = _shell_script(words)
+    if script is None:
         return words, False
-    script = " ".join(words[words.index("-c") + 1 :])
     try:
         return shlex.split(script), True
     except ValueError:
@@ -165,11 +199,13 @@ def role_of(pod: Pod, words: list[str]) -> Role:
 
 
 def _flag_value(words: list[str], flag: str) -> str | None:
+    """The value of `--flag value`, `--flag=value`, or of a short flag, `-F value`, `-Fvalue`."""
+    joined = flag + "=" if flag.startswith("--") else flag
     for index, word in enumerate(words):
         if word == flag and index + 1 < len(words):
             return words[index + 1]
-        if word.startswith(flag + "="):
-            return word[len(flag) + 1 :]
+        if word.startswith(joined) and len(word) > len(joined):
+            return word[len(joined) :]
     return None
 
 
@@ -183,8 +219,13 @@ def env_value(container: Container, name: str) -> str | None:
 
 
 def web_port(container: Container, words: list[str]) -> int:
-    """The port Locust's web UI listens on: --web-port, else LOCUST_WEB_PORT, else 8089."""
-    raw = _flag_value(words, "--web-port") or env_value(container, "LOCUST_WEB_PORT")
+    """The port Locust's web UI listens on: --web-port (or -P), else LOCUST_WEB_PORT, else
+    8089."""
+    raw = (
+        _flag_value(words, "--web-port")
+        or _flag_value(words, "-P")
+        or env_value(container, "LOCUST_WEB_PORT")
+    )
     if raw and raw.isdigit() and 0 < int(raw) < 65536:
         return int(raw)
     return DEFAULT_WEB_PORT

@@ -1,0 +1,81 @@
+"""The failure policy (SPEC section 7) for internal errors: in the LocustTest lookup and in the
+mutation. The pod is admitted unchanged with a warning, logged and counted, unless the webhook
+fails closed or the LocustTest is required."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+from conftest import Source
+from fixtures import locusttest, operator_pod, review
+from prometheus_client import REGISTRY
+
+from webhook import handler as handler_module
+from webhook.config import MutationSettings
+from webhook.handler import Handler
+from webhook.models import LocustTestInfo
+
+
+class BrokenSource(Source):
+    """A LocustTest source with a bug: every lookup raises."""
+
+    def get(self, namespace: str, name: str) -> LocustTestInfo | None:
+        raise RuntimeError("the cache is corrupt")
+
+
+def answer(handler: Handler, pod: dict[str, Any]) -> dict[str, Any]:
+    return dict(json.loads(handler.handle(json.dumps(review(pod)).encode()))["response"])
+
+
+def admissions(outcome: str, reason: str) -> float:
+    labels = {"outcome": outcome, "reason": reason}
+    return REGISTRY.get_sample_value("locust_webhook_admissions_total", labels) or 0.0
+
+
+def test_a_failing_lookup_admits_the_pod_unchanged_with_a_warning_logged_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    before = admissions("failed_open", "internal-error")
+    with caplog.at_level(logging.ERROR, logger="webhook.admission"):
+        response = answer(Handler(BrokenSource(), MutationSettings()), operator_pod("t", "master"))
+    assert response["allowed"] is True
+    assert "patch" not in response
+    assert response["warnings"] == [
+        "LocustTest default/t: internal error while reading it: observability was not injected"
+    ]
+    assert admissions("failed_open", "internal-error") == before + 1
+    (record,) = [r for r in caplog.records if r.getMessage() == "LocustTest lookup failed"]
+    assert record.exc_info is not None and "the cache is corrupt" in str(record.exc_info[1])
+
+
+def test_a_failing_lookup_is_denied_when_failing_closed() -> None:
+    handler = Handler(BrokenSource(), MutationSettings(), failure_policy="closed")
+    response = answer(handler, operator_pod("t", "worker"))
+    assert response["allowed"] is False
+    assert response["status"]["code"] == 403
+    assert "internal error while reading it" in response["status"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("annotations", "allowed"),
+    [(None, True), ({"observability.locust.io/required": "true"}, False)],
+)
+def test_a_failing_mutation_follows_the_policy_and_the_required_annotation(
+    monkeypatch: pytest.MonkeyPatch, annotations: dict[str, str] | None, allowed: bool
+) -> None:
+    def broken(*_: Any) -> Any:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(handler_module, "mutate", broken)
+    handler = Handler(Source(locusttest("t", annotations=annotations)), MutationSettings())
+    response = answer(handler, operator_pod("t", "master"))
+    assert response["allowed"] is allowed
+    message = "LocustTest default/t: internal error while injecting observability"
+    if allowed:
+        assert response["warnings"] == [message]
+        assert "patch" not in response
+    else:
+        assert response["status"]["message"] == message
