@@ -7,12 +7,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Only what the package needs (see .dockerignore): dependencies come from pyproject.toml.
-COPY pyproject.toml README.md ./
+# Only what the package needs (see .dockerignore): dependencies come from pyproject.toml, at
+# the versions pinned in constraints.txt.
+COPY pyproject.toml README.md constraints.txt ./
 COPY webhook ./webhook
 # A regular (not editable) install: the runtime stage gets the venv, not the sources.
 # pip also compiles the bytecode here, since the runtime's root filesystem is read-only.
-RUN /opt/venv/bin/pip install /src
+RUN /opt/venv/bin/pip install --constraint constraints.txt /src
 
 FROM python:3.11.13-slim-bookworm
 ENV PATH=/opt/venv/bin:$PATH \

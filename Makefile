@@ -5,17 +5,18 @@ BIN := $(VENV)/bin
 CERTS := certs
 PORT ?= 8443
 
-.PHONY: install install-dev run certs test check lint typecheck wrk bench bench-quick soak clean
+.PHONY: install install-dev run certs test check lint typecheck wrk bench bench-quick soak constraints clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-$(BIN)/locust-webhook: pyproject.toml
+# The runtime dependencies at the versions the image installs (constraints.txt).
+$(BIN)/locust-webhook: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --constraint constraints.txt -e .
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml $(BIN)/locust-webhook
-	$(BIN)/pip install --quiet -e '.[dev]'
+$(VENV)/.dev-installed: pyproject.toml constraints.txt $(BIN)/locust-webhook
+	$(BIN)/pip install --quiet --constraint constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(BIN)/locust-webhook
@@ -59,6 +60,17 @@ bench-quick: install-dev wrk
 
 soak: install-dev
 	$(BIN)/python bench/soak.py --minutes $(or $(MINUTES),10)
+
+# Pin the runtime dependencies afresh: resolve pyproject.toml's ranges in an empty venv.
+constraints:
+	rm -rf $(VENV)-pins
+	$(PYTHON) -m venv $(VENV)-pins
+	$(VENV)-pins/bin/pip install --quiet --upgrade pip
+	$(VENV)-pins/bin/pip install --quiet .
+	{ echo "# The runtime dependencies, pinned: the image installs exactly these, the venv too."; \
+	  echo "# Rewritten by \`make constraints\` from pyproject.toml's ranges."; \
+	  $(VENV)-pins/bin/pip freeze | grep -v '^locust-observability-webhook'; } > constraints.txt
+	rm -rf $(VENV)-pins build
 
 clean:
 	rm -rf $(VENV) $(CERTS)/*.crt $(CERTS)/*.key .pytest_cache .mypy_cache .ruff_cache

@@ -1,16 +1,20 @@
-"""The Dockerfile's properties (there is no Docker engine here to build it): pinned base,
-multi-stage, installed from the project's metadata, non-root numeric user matching the
-Deployment, read-only-root friendly, and the same `locust-webhook serve` command."""
+"""The Dockerfile's properties (there is no Docker engine here to build it): pinned base and
+dependencies (constraints.txt), multi-stage, installed from the project's metadata, non-root
+numeric user matching the Deployment, read-only-root friendly, and the same `locust-webhook
+serve` command."""
 
 from __future__ import annotations
 
 import json
 import re
 import shlex
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parent.parent
 # An exact Python release on a named Debian release, e.g. python:3.11.13-slim-bookworm.
@@ -81,6 +85,58 @@ def test_dependencies_come_from_the_project_metadata() -> None:
         assert "-e" not in words and "--editable" not in words, "the runtime has no sources"
         target = words[-1]
         assert target in ("/src", "."), f"pip installs {target}, not the project"
+        assert "--constraint" in words, "the versions come from constraints.txt"
+        assert words[words.index("--constraint") + 1] == "constraints.txt"
+    assert "constraints.txt" in copied
+
+
+def pins() -> dict[str, str]:
+    """constraints.txt as {canonical name: version}; every line must be `name==version`."""
+    result = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            requirement = Requirement(line)
+            (specifier,) = requirement.specifier
+            assert specifier.operator == "==", f"{line} is not a pin"
+            result[canonicalize_name(requirement.name)] = specifier.version
+    return result
+
+
+def runtime_requirements() -> list[Requirement]:
+    """Every requirement reachable from the project's own, without its extras (the image's
+    dependencies), read from the installed distributions' metadata."""
+    found: list[Requirement] = []
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [("locust-observability-webhook", frozenset[str]())]
+    while todo:
+        name, extras = todo.pop()
+        if (name, extras) in seen:
+            continue
+        seen.add((name, extras))
+        for line in metadata.requires(name) or ():
+            requirement = Requirement(line)
+            marker = requirement.marker
+            if marker is None or any(marker.evaluate({"extra": e}) for e in ("", *extras)):
+                found.append(requirement)
+                todo.append((canonicalize_name(requirement.name), frozenset(requirement.extras)))
+    return found
+
+
+def test_constraints_pin_every_runtime_dependency_as_installed_and_within_its_ranges() -> None:
+    pinned = pins()
+    required = runtime_requirements()
+    names = {canonicalize_name(r.name) for r in required}
+    assert len(names) >= 10, names
+    assert names <= pinned.keys(), f"not pinned: {sorted(names - pinned.keys())}"
+    assert pinned.keys() <= names, f"pinned but not needed: {sorted(pinned.keys() - names)}"
+    for requirement in required:
+        version = pinned[canonicalize_name(requirement.name)]
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"{requirement.name}=={version} is outside {requirement}"
+        )
+    # `make install` installs with the constraints: the tests run what the image ships.
+    for name, version in pinned.items():
+        assert metadata.version(name) == version, name
 
 
 def test_runs_as_a_non_root_numeric_user_matching_the_deployment() -> None:
@@ -127,4 +183,4 @@ def test_build_context_is_only_what_the_image_installs() -> None:
     # the image installs is let back in.
     assert lines[0] == "*"
     allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "webhook"}
+    assert allowed == {"pyproject.toml", "constraints.txt", "README.md", "webhook"}
