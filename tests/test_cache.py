@@ -443,6 +443,42 @@ def test_v1_only_server_is_read_as_v1(make_source: MakeSource) -> None:
         source.stop()
 
 
+def test_v2_served_after_start_is_read_as_v2_from_the_next_watch(make_source: MakeSource) -> None:
+    """The operator is upgraded while the webhook runs: its CRD starts serving v2."""
+    with FakeKubeAPI(versions=("v1",)) as server:
+        source = make_source(server=server, watch_timeout=1)
+        wait_until(source.ready)
+        server.versions = ("v1", "v2")
+        server.create(locusttest("upgraded"))
+
+        def read_as_v2() -> bool:
+            info = source.cached(("default", "upgraded"))
+            return info is not None and info.api_version == "locust.io/v2"
+
+        wait_until(read_as_v2)
+        assert "/v2/" in server.lists()[-1].path and "/v2/" in server.watches()[-1].path
+        source.stop()
+
+
+def test_v2_no_longer_served_is_read_as_v1(make_source: MakeSource) -> None:
+    """The operator is rolled back: its CRD serves v1 only."""
+    with FakeKubeAPI() as server:
+        source = make_source(server=server, watch_timeout=1)
+        wait_until(source.ready)
+        server.versions = ("v1",)
+        wait_until(lambda: "/v1/" in server.lists()[-1].path, timeout=15)
+        v1 = {
+            "apiVersion": "locust.io/v1",
+            "kind": "LocustTest",
+            "metadata": {"name": "rolled-back"},
+            "spec": {"masterCommandSeed": "-f /lotest/src/locustfile.py", "workerReplicas": 1},
+        }
+        server.create(v1)
+        wait_until(lambda: source.cached(("default", "rolled-back")) is not None)
+        assert "/v1/" in server.watches()[-1].path
+        source.stop()
+
+
 def test_missing_rbac_logs_one_clear_line_and_recovers(
     api: FakeKubeAPI, make_source: MakeSource, caplog: pytest.LogCaptureFixture
 ) -> None:

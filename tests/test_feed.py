@@ -273,6 +273,81 @@ def test_a_worker_that_reads_nothing_is_dropped(
         late.stop()
 
 
+def test_a_watcher_that_reads_nothing_fails_lookups_in_time_and_is_left(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watcher process that is alive but stuck: the worker's lookups fill the socket, then a
+    send times out; the worker drops that connection and connects again."""
+    monkeypatch.setattr(feed, "ANSWER_MARGIN", 0.0)
+    accepted: list[socket.socket] = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stuck:
+        stuck.bind(str(path))
+        stuck.listen(4)
+
+        def accept() -> None:
+            while True:
+                try:
+                    conn, _ = stuck.accept()
+                except OSError:
+                    return
+                conn.sendall(b'["reset"]\n["synced"]\n')  # a whole (empty) copy; reads nothing
+                accepted.append(conn)
+
+        threading.Thread(target=accept, daemon=True).start()
+        worker = FeedSource(str(path), lookup_timeout=0.01)
+        worker.start()
+        try:
+            wait_until(worker.ready)
+            for i in range(20_000):
+                started = time.monotonic()
+                with pytest.raises(SourceUnavailable) as failure:
+                    worker.get("default", f"missing-{i}")
+                assert time.monotonic() - started < 1.0
+                if "read nothing for 0.01s" in str(failure.value):
+                    break
+            else:
+                pytest.fail("20,000 lookups never filled the socket")
+            wait_until(lambda: len(accepted) == 2)
+        finally:
+            worker.stop()
+            for conn in accepted:
+                conn.close()
+
+
+def worker_connection(path: Path) -> socket.socket:
+    """A raw connection to the watcher's feed, its first full copy read."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(path))
+    conn.settimeout(5.0)
+    received = b""
+    while b'["synced"]\n' not in received:
+        received += conn.recv(1 << 16)
+    return conn
+
+
+def test_a_line_that_is_not_a_lookup_ends_the_connection(
+    start_watcher: Callable[[], InThreadWatcher], path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    watcher = start_watcher()
+    wait_until(watcher.source.ready)
+    with worker_connection(path) as conn:
+        conn.sendall(b"5\n")
+        assert conn.recv(1 << 16) == b""  # closed: the worker would reconnect
+    assert "a worker's feed connection failed" in caplog.text
+
+
+def test_a_lookup_that_fails_inside_the_watcher_is_answered_with_the_error(
+    start_watcher: Callable[[], InThreadWatcher], path: Path
+) -> None:
+    watcher = start_watcher()
+    wait_until(watcher.source.ready)
+    with worker_connection(path) as conn:
+        conn.sendall(b'["get", 7, ["not", "a", "namespace"], "x"]\n')  # unhashable: a bug
+        kind, request_id, record, error = orjson.loads(conn.recv(1 << 16))
+    assert (kind, request_id, record) == ("got", 7, None)
+    assert error.startswith("internal error in the watcher:")
+
+
 def test_a_worker_never_imports_the_kubernetes_client() -> None:
     """What a worker of `serve` imports, in a fresh interpreter: the client (~17 MB a process)
     belongs to the watcher process alone."""

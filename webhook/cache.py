@@ -270,8 +270,12 @@ class ClusterSource:
                 self._watch(scope, backoff)
                 if self._stopping.is_set():
                     return
-                # The server ended the watch (timeoutSeconds): resume where it stopped.
+                # The server ended the watch (timeoutSeconds): resume where it stopped, unless
+                # a newer version is served now (the operator was upgraded): then re-list.
                 metrics.WATCH_RESTARTS.labels(reason="closed").inc()
+                if scope.version != VERSIONS[0] and self._served(VERSIONS[0], scope):
+                    log.info("%s/%s is served now: re-listing %s", GROUP, VERSIONS[0], scope.where)
+                    scope.resource_version = None
                 continue
             except client.ApiException as exc:
                 if exc.status == 410:
@@ -279,6 +283,10 @@ class ClusterSource:
                     metrics.WATCH_RESTARTS.labels(reason="expired").inc()
                     scope.resource_version = None
                     continue
+                if exc.status == 404:
+                    # The version being watched is no longer served: list again, in the
+                    # newest version that is.
+                    scope.resource_version = None
                 failure: Exception = exc
             # Whatever the API sent, the thread must survive: the cache keeps serving.
             except Exception as exc:
@@ -322,6 +330,20 @@ class ClusterSource:
             return orjson.loads(resp.data)
         finally:
             resp.release_conn()
+
+    def _served(self, version: str, scope: _Scope) -> bool:
+        """Whether the API serves LocustTests in `version` (a list of at most one)."""
+        try:
+            resp = self._list_call(
+                version, scope, limit=1,
+                _preload_content=False, _request_timeout=(CONNECT_TIMEOUT, LIST_TIMEOUT),
+            )  # fmt: skip
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        resp.release_conn()
+        return True
 
     def _first_page(self, scope: _Scope) -> tuple[str, Any]:
         """The first page of the list, from the newest served version."""

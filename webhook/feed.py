@@ -45,15 +45,20 @@ def _line(message: list[Any]) -> bytes:
     return orjson.dumps(message, option=orjson.OPT_APPEND_NEWLINE)
 
 
+def _send_timeout(conn: socket.socket, seconds: float) -> None:
+    """Bound every send on `conn` (SO_SNDTIMEO); receiving stays blocking, so a thread can wait
+    on the connection as long as the other side says nothing."""
+    whole = int(seconds)
+    micro = max(int((seconds - whole) * 1e6), 0 if whole else 1000)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, micro))
+
+
 class _Peer:
     """One worker's connection, in the watcher. What is sent to it waits in its outbox for its
     own writing thread: a worker that reads slowly, or not at all, delays no one else."""
 
     def __init__(self, conn: socket.socket) -> None:
-        # A send timeout only: the reading thread blocks until the worker speaks.
-        conn.setsockopt(
-            socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(SEND_TIMEOUT), 0)
-        )
+        _send_timeout(conn, SEND_TIMEOUT)
         self.conn = conn
         self.closed = False
         self._outbox: list[bytes] = []
@@ -132,8 +137,11 @@ class FeedServer:
                 self._peers.add(peer)
                 if source.ready():
                     self._send(peer, self._copy())
-            threading.Thread(target=self._read, args=(peer,), daemon=True).start()
-            threading.Thread(target=self._write, args=(peer,), daemon=True).start()
+            try:
+                threading.Thread(target=self._read, args=(peer,), daemon=True).start()
+                threading.Thread(target=self._write, args=(peer,), daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had (a PID limit): it reconnects
+                self._drop(peer, f"cannot start its threads: {exc}")
 
     def stop(self) -> None:
         """Stop listening, the source, and every worker's connection (workers reconnect)."""
@@ -196,6 +204,9 @@ class FeedServer:
             self._drop(peer, str(exc))
 
     def _read(self, peer: _Peer) -> None:
+        """The worker's lookups, each answered from a thread of its own. Whatever ends this
+        loop (the worker left, a line that is not a lookup, no thread to be had) also ends the
+        connection, so the worker notices and reconnects instead of waiting on a dead one."""
         try:
             with peer.conn.makefile("rb") as lines:
                 for line in lines:
@@ -205,9 +216,10 @@ class FeedServer:
                         args=(peer, request_id, namespace, name),
                         daemon=True,
                     ).start()
-        except (OSError, ValueError) as exc:
+        except Exception as exc:
             log.warning("a worker's feed connection failed: %s", exc)
-        self._drop(peer)
+        finally:
+            self._drop(peer)
 
     def _answer(self, peer: _Peer, request_id: int, namespace: str, name: str) -> None:
         assert self._source is not None
@@ -216,6 +228,9 @@ class FeedServer:
             answer = ["got", request_id, None if info is None else to_wire(info), None]
         except SourceUnavailable as exc:
             answer = ["got", request_id, None, str(exc)]
+        except Exception as exc:
+            log.exception("LocustTest lookup for a worker failed")
+            answer = ["got", request_id, None, f"internal error in the watcher: {exc!r}"]
         self._send(peer, _line(answer))
 
 
@@ -290,9 +305,19 @@ class FeedSource:
             conn = self._conn
             if conn is None:
                 raise OSError("not connected")
-            with self._send_lock:
-                conn.sendall(_line(["get", request_id, namespace, name]))
             timeout = self._lookup_timeout + ANSWER_MARGIN
+            with self._send_lock:
+                try:
+                    conn.sendall(_line(["get", request_id, namespace, name]))
+                except OSError as exc:
+                    # The watcher took nothing for `timeout` (SO_SNDTIMEO), or the connection
+                    # broke. Part of the line may be out: only a new connection starts clean,
+                    # and the feed thread makes one once this one is shut.
+                    with contextlib.suppress(OSError):
+                        conn.shutdown(socket.SHUT_RDWR)
+                    if isinstance(exc, BlockingIOError):
+                        raise OSError(f"it read nothing for {timeout:g}s") from exc
+                    raise
             if answer.done.wait(timeout) and not answer.lost:
                 return answer.record, answer.error
             reason = "the connection closed" if answer.lost else f"no answer within {timeout:g}s"
@@ -322,6 +347,7 @@ class FeedSource:
                     lost_logged = True
                 self._stopping.wait(backoff.next())
                 continue
+            _send_timeout(conn, self._lookup_timeout + ANSWER_MARGIN)
             self._conn = conn
             try:
                 self._receive(conn, backoff)

@@ -68,7 +68,7 @@ def _load_dir(directory: Path) -> dict[tuple[str, str], LocustTestInfo]:
     for path in sorted(directory.glob("*.y*ml")):
         try:
             documents = list(yaml.load_all(path.read_text(), Loader=SafeLoader))
-        except (OSError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             log.warning("skipping %s: %s", path, exc)
             continue
         for doc in documents:
@@ -108,13 +108,15 @@ class DirectorySource:
         while not self._stopped.wait(self._poll_seconds):
             try:
                 stamp = self._fingerprint()
+                if stamp != self._stamp:
+                    self._stamp = stamp
+                    self._tests = _load_dir(self._directory)
+                    self._publish()
+                    log.info("reloaded %d LocustTests from %s", len(self._tests), self._directory)
             except OSError:
-                continue
-            if stamp != self._stamp:
-                self._stamp = stamp
-                self._tests = _load_dir(self._directory)
-                self._publish()
-                log.info("reloaded %d LocustTests from %s", len(self._tests), self._directory)
+                continue  # a file went away while it was read: the next poll sees the rest
+            except Exception:  # the thread must outlive one bad reload: log it and go on
+                log.exception("reading LocustTests from %s failed", self._directory)
 
     def _publish(self) -> None:
         from . import metrics
