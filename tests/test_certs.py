@@ -236,7 +236,8 @@ def test_settings_come_from_flags_else_environment() -> None:
         (("--out-dir", "x", "--secret", "s", "--webhook-config", "w"), "either --out-dir"),
         (("--secret", "s"), "go together"),
         (("--out-dir", "x", "--days", "30", "--renew-before-days", "30"), "less than --days"),
-        (("--out-dir", "x", "--days", "400", "--ca-days", "365"), "more than --days"),
+        (("--out-dir", "x", "--days", "400", "--ca-days", "365"), "at least twice --days"),
+        (("--out-dir", "x", "--days", "365", "--ca-days", "366"), "at least twice --days"),
         (("--out-dir", "x", "--days", "soon"), "LOCUST_WEBHOOK_DAYS"),
         (("--out-dir", "x", "--service", "Not_A_Name"), "DNS label"),
     ],
@@ -338,6 +339,27 @@ def test_ca_rotation_publishes_both_cas_before_the_new_certificate(cluster: Any)
     assert ca_bundles(fake) == [new.ca_bundle, new.ca_bundle]
     writes = [(r.method, r.path.rsplit("/", 2)[-2]) for r in fake.writes]
     assert writes == [("PATCH", "mutatingwebhookconfigurations"), ("PUT", "secrets")]
+
+
+def test_a_deleted_secret_is_reissued_while_its_ca_stays_trusted(cluster: Any) -> None:
+    """The admin deletes the Secret to force new certificates; the pods serve the files they
+    mounted until the kubelet refreshes them, so the API server must still trust their CA."""
+    fake, kubeconfig = cluster
+    assert in_cluster(kubeconfig) == 0
+    served = material_from_secret(fake.get(*SECRET))
+    assert served is not None
+    with fake.lock:
+        del fake.objects[SECRET]
+
+    assert in_cluster(kubeconfig) == 0
+
+    new = material_from_secret(fake.get(*SECRET))
+    assert new is not None and new.ca_key != served.ca_key
+    new_ca, old_ca = x509.load_pem_x509_certificates(new.ca_bundle)
+    assert old_ca == x509.load_pem_x509_certificate(served.ca_bundle)
+    x509.load_pem_x509_certificate(served.tls_crt).verify_directly_issued_by(old_ca)
+    x509.load_pem_x509_certificate(new.tls_crt).verify_directly_issued_by(new_ca)
+    assert ca_bundles(fake) == [new.ca_bundle, new.ca_bundle]
 
 
 def test_ca_bundle_is_patched_only_where_it_differs(cluster: Any) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import ipaddress
 import json
 import os
@@ -108,7 +109,7 @@ CERTS_OPTIONS = (
         "MutatingWebhookConfiguration whose caBundle is patched (in a cluster)",
     ),
     Option("--days", "365", _days, "validity of the serving certificate"),
-    Option("--ca-days", "3650", _days, "validity of the CA (longer than --days)"),
+    Option("--ca-days", "3650", _days, "validity of the CA (at least twice --days)"),
     Option(
         "--renew-before-days",
         "30",
@@ -154,8 +155,12 @@ class Validity:
         """Refuse combinations that would renew on every run."""
         if self.renew_before_days >= self.days:
             raise SettingError("--renew-before-days must be less than --days")
-        if self.ca_days <= self.days:
-            raise SettingError("--ca-days must be more than --days")
+        # A CA is replaced once it has less than --days left: it serves ca_days - days.
+        if self.ca_days < 2 * self.days:
+            raise SettingError(
+                "--ca-days must be at least twice --days (a CA is replaced once it has less "
+                "than --days left, so a shorter one would be replaced every few runs)"
+            )
 
 
 @dataclass(frozen=True)
@@ -375,23 +380,34 @@ def _bundle(cas: Sequence[x509.Certificate]) -> bytes:
     return b"".join(_cert_pem(ca) for ca in cas)
 
 
-def reconcile(current: Material | None, names: Names, validity: Validity, now: datetime) -> Plan:
-    """What to store: `current` itself when it is still good, else renewed material and why."""
+def reconcile(
+    current: Material | None,
+    names: Names,
+    validity: Validity,
+    now: datetime,
+    trusted: Sequence[x509.Certificate] = (),
+) -> Plan:
+    """What to store: `current` itself when it is still good, else renewed material and why.
+
+    `trusted`: the CAs clients trust now (the webhook's caBundle). A new CA is published with
+    them, as with the older CAs of `current`: servers may still present a certificate one of
+    them signed (the Secret was deleted, but the pods serve the files they mounted)."""
     if current is None:
-        return _new_ca(names, validity, now, older=[], why="no certificate yet")
+        return _new_ca(names, validity, now, trusted, why="no certificate yet")
     bundle = _read_bundle(current.ca_bundle)
+    older = [*bundle, *trusted]
     try:
         ca_key = _p256(serialization.load_pem_private_key(current.ca_key, password=None))
         tls_crt = x509.load_pem_x509_certificate(current.tls_crt)
         tls_key = serialization.load_pem_private_key(current.tls_key, password=None)
     except (ValueError, TypeError) as exc:
-        return _new_ca(names, validity, now, bundle, why=f"unreadable certificate or key: {exc}")
+        return _new_ca(names, validity, now, older, why=f"unreadable certificate or key: {exc}")
     if not bundle or ca_key is None:
-        return _new_ca(names, validity, now, bundle, why="no usable P-256 CA key and certificate")
+        return _new_ca(names, validity, now, older, why="no usable P-256 CA key and certificate")
     ca = bundle[0]
     problem = _ca_problem(ca, ca_key, validity, now)
     if problem:
-        return _new_ca(names, validity, now, bundle, why=problem)
+        return _new_ca(names, validity, now, older, why=problem)
     live = _unexpired(bundle, now)
     problem = _serving_problem(tls_crt, tls_key, ca, names, validity, now)
     if problem:
@@ -410,7 +426,7 @@ def _new_ca(
     ca, ca_key = issue_ca(names, validity.ca_days, now)
     cert, key = issue_serving(names, ca, ca_key, validity.days, now)
     # Older CAs stay trusted until they expire: servers still present certificates they signed.
-    kept = [old for old in _unexpired(older, now) if old != ca]
+    kept = [old for old in dict.fromkeys(_unexpired(older, now)) if old != ca]
     material = Material(_bundle([ca, *kept]), _key_pem(ca_key), _cert_pem(cert), _key_pem(key))
     trusted = f" (still trusting {len(kept)} older CA)" if kept else ""
     return Plan(material, (f"issued a new CA and serving certificate{trusted}: {why}",))
@@ -509,6 +525,17 @@ def secret_data(material: Material) -> dict[str, str]:
     return {key: _b64(getattr(material, attr)) for attr, key in SECRET_KEYS.items()}
 
 
+def ca_bundle_certificates(config: Mapping[str, Any]) -> list[x509.Certificate]:
+    """The CAs in the caBundles of the configuration's webhooks (unreadable ones skipped)."""
+    found: list[x509.Certificate] = []
+    for webhook in config.get("webhooks") or []:
+        encoded = (webhook.get("clientConfig") or {}).get("caBundle")
+        if isinstance(encoded, str) and encoded:
+            with contextlib.suppress(ValueError):
+                found += _read_bundle(base64.b64decode(encoded, validate=True))
+    return list(dict.fromkeys(found))
+
+
 def ca_bundle_patch(config: Mapping[str, Any], bundle: bytes) -> list[dict[str, Any]]:
     """RFC 6902 operations setting caBundle on every webhook whose bytes differ.
 
@@ -580,14 +607,18 @@ def reconcile_cluster(cluster: Cluster, settings: CertsSettings, now: datetime) 
     names = settings.names
     where = f"secret {names.namespace}/{settings.secret}"
     secret = cluster.read_secret(names.namespace, settings.secret)
+    config = cluster.read_webhook_config(settings.webhook_config)
     plan = reconcile(
-        material_from_secret(secret) if secret else None, names, settings.validity, now
+        material_from_secret(secret) if secret else None,
+        names,
+        settings.validity,
+        now,
+        trusted=ca_bundle_certificates(config),
     )
     messages = list(plan.changes)
 
     # caBundle first: the API server must trust a new CA before any server presents a
     # certificate signed by it.
-    config = cluster.read_webhook_config(settings.webhook_config)
     ops = ca_bundle_patch(config, plan.material.ca_bundle)
     if ops:
         cluster.patch_webhook_config(settings.webhook_config, ops)
