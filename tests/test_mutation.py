@@ -191,6 +191,14 @@ def test_pod_configured_natively_by_the_operator_gets_an_empty_patch() -> None:
     assert m.patch == []
 
 
+def test_reinvocation_on_the_webhooks_own_work_is_not_called_operator_native() -> None:
+    test = locusttest("demo", otel=otel())
+    first = run_mutation(operator_pod("demo", "worker"), test)
+    again = run_mutation(first.pod, test)
+    assert again.patch == []
+    assert again.result.mode == "otel"
+
+
 def operator_native(role: str, spec: dict[str, Any]) -> dict[str, Any]:
     """A pod as the v2 operator builds it with OpenTelemetry on: the standard variables and
     extraEnvVars (sorted), and `--otel` right before the mode flag; nothing else."""

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures import locusttest, operator_pod
+from fixtures import locusttest, operator_pod, review
 from kubeapi import FakeKubeAPI
 from reliability_summary import Recorder, reliability
 from server_process import Server, free_port, make_certs, post_review, serve
 from test_tls_reload import SecretVolume, certs, fingerprint
 
-from webhook.tls import REQUEST_READ_BUDGET
+from webhook.tls import LINGER_IDLE, REQUEST_READ_BUDGET
 
 __all__ = ["reliability"]  # the fixture, imported for the tests of this module
 
@@ -735,6 +735,34 @@ def test_stalled_and_trickling_clients_do_not_block_others(
         stop.set()
         trickler.join()
         for sock in stalled + trickling:
+            sock.close()
+
+
+def test_clients_that_never_close_hold_up_no_one(healthy: Server, reliability: Recorder) -> None:
+    """Clients that ask for `Connection: close`, get their answer and keep the socket open:
+    gunicorn's closing drain waits for them on the worker's main loop, briefly (LINGER_IDLE)."""
+    pod = operator_pod("abuse", "worker")
+    body = json.dumps(review(pod)).encode()
+    request = (
+        b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert is_patched(healthy.admit(pod))  # the keep-alive connection is open before them
+    holding: list[ssl.SSLSocket] = []
+    try:
+        for _ in range(2 * WORKER_THREADS):
+            holding.append(tls_socket(healthy))
+            holding[-1].sendall(request)
+        for sock in holding:
+            assert sock.recv(12) == b"HTTP/1.1 200"  # answered; and never closed from here
+        took, response = timed_admit(healthy, pod)
+        assert is_patched(response)
+        # Before LINGER_IDLE, each of them held its worker's every connection for 2 s.
+        assert took < 2 * WORKER_THREADS * LINGER_IDLE + MARGIN, took
+        print(f"\nan admission behind {len(holding)} clients that never close took {took:.2f} s")
+        reliability.add(len(holding) + 1, 0)
+    finally:
+        for sock in holding:
             sock.close()
 
 

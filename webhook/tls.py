@@ -12,6 +12,7 @@ import base64
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 import time
@@ -29,6 +30,11 @@ class CertificateError(ValueError):
 # Seconds a request may take to arrive, handshake, head and body together, once a thread takes
 # it up. The API server sends a whole review at once and gives up after timeoutSeconds (5 s).
 REQUEST_READ_BUDGET = 5.0
+# Seconds a closing connection waits for more of the client's data (gunicorn drains it before
+# closing so that unread bytes do not turn the close into a reset). gunicorn does this on the
+# worker's main loop, up to 2 s each: a client that neither sends nor closes would hold up the
+# worker's every connection for that long; one still sending keeps being drained.
+LINGER_IDLE = 0.05
 
 
 class RequestTimedOut(ssl.SSLEOFError, TimeoutError):
@@ -48,10 +54,22 @@ class DeadlineSSLSocket(ssl.SSLSocket):
     gunicorn's gthread worker reads each request from a blocking socket without a timeout: a
     client that stalls or trickles mid-request would hold a worker thread forever, and a few
     such clients would block every other caller. gunicorn makes the socket blocking before each
-    request (`setblocking(True)`): that starts the request's read budget.
+    request (`setblocking(True)`): that starts the request's read budget. Its drain before
+    closing a connection waits LINGER_IDLE at most for the client's next bytes.
     """
 
     _deadline = 0.0
+    _closing = False
+
+    def shutdown(self, how: int) -> None:
+        super().shutdown(how)
+        if how == socket.SHUT_WR:  # gunicorn's graceful close: its drain follows
+            self._closing = True
+
+    def settimeout(self, value: float | None) -> None:
+        if self._closing and (value is None or value > LINGER_IDLE):
+            value = LINGER_IDLE
+        super().settimeout(value)
 
     def _start_budget(self) -> None:
         self._deadline = time.monotonic() + REQUEST_READ_BUDGET

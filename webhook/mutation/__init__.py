@@ -29,6 +29,7 @@ from .pod import (
     find_target,
     opted_out,
     owner_job,
+    pod_annotations,
     web_port,
     with_annotations,
 )
@@ -117,7 +118,8 @@ def mutate(
         mode = "otel"
         warnings.extend(otel_warnings(test, container))
         pod, removed = remove_metrics_exporter(pod, settings)
-        if not removed and configured_natively(test, container, target):
+        native = STATUS_ANNOTATION not in pod_annotations(pod)  # else: the webhook's own work
+        if native and not removed and configured_natively(test, container, target):
             # SPEC section 6: a pod the v2 operator configured natively is left as it is.
             return MutationResult(
                 pod, "operator-native", target.role, target.name, warnings=warnings,
