@@ -73,4 +73,5 @@ constraints:
 	rm -rf $(VENV)-pins build
 
 clean:
-	rm -rf $(VENV) $(CERTS)/*.crt $(CERTS)/*.key .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(CERTS)/*.crt $(CERTS)/*.key .pytest_cache .mypy_cache .ruff_cache \
+		*.egg-info build

@@ -160,6 +160,23 @@ def test_other_names_renew_the_serving_certificate_under_the_same_ca(tmp_path: P
     assert not list(tmp_path.glob(".*")), "no temporary file is left behind"
 
 
+@pytest.mark.parametrize("lost", ["tls.crt", "tls.key"])
+def test_a_lost_serving_file_is_reissued_under_the_same_ca(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], lost: str
+) -> None:
+    assert certs("--out-dir", str(tmp_path)) == 0
+    ca_before = (tmp_path / "ca.crt").read_bytes()
+    (tmp_path / lost).unlink()
+    capsys.readouterr()
+
+    assert certs("--out-dir", str(tmp_path)) == 0
+
+    bundle, cert, _ = load_dir(tmp_path)
+    assert (tmp_path / "ca.crt").read_bytes() == ca_before
+    cert.verify_directly_issued_by(bundle[0])
+    assert "tls.crt or tls.key is missing or unreadable" in capsys.readouterr().out
+
+
 def test_a_mismatched_key_is_replaced(tmp_path: Path) -> None:
     assert certs("--out-dir", str(tmp_path)) == 0
     other = tmp_path / "other"

@@ -1,19 +1,22 @@
 """The failure policy (SPEC section 7) for internal errors: in the LocustTest lookup and in the
 mutation. The pod is admitted unchanged with a warning, logged and counted, unless the webhook
-fails closed or the LocustTest is required."""
+fails closed or the LocustTest is required. And the admission line names the LocustTest."""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
+import orjson
 import pytest
 from conftest import Source
 from fixtures import locusttest, operator_pod, review
 from prometheus_client import REGISTRY
 
 from webhook import handler as handler_module
+from webhook import logs
 from webhook.config import MutationSettings
 from webhook.handler import Handler
 from webhook.models import LocustTestInfo
@@ -79,3 +82,24 @@ def test_a_failing_mutation_follows_the_policy_and_the_required_annotation(
         assert "patch" not in response
     else:
         assert response["status"]["message"] == message
+
+
+def test_the_admission_line_names_the_locusttest_that_was_not_found(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    read_end, write_end = os.pipe()
+    try:
+        buffer = logs.LineBuffer(write_end)
+        monkeypatch.setattr(logs, "LINES", buffer)
+        answer(Handler(Source(), MutationSettings()), operator_pod("nosuch", "master"))
+        buffer.flush()
+        line = orjson.loads(os.read(read_end, 1 << 16))
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+    assert (line["locusttest"], line["outcome"], line["reason"]) == (
+        "nosuch",
+        "failed_open",
+        "locusttest-not-found",
+    )

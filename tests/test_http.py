@@ -331,6 +331,11 @@ def test_health_readiness_and_metrics(conn: http.client.HTTPSConnection) -> None
     assert "locust_webhook_admission_duration_seconds_bucket" in text
 
 
+def test_the_log_says_where_it_serves(server: Server) -> None:
+    wanted = f"serving HTTPS on 127.0.0.1 port {server.port}: 2 workers of 16 threads"
+    assert wanted in server.log()
+
+
 def test_one_structured_log_line_per_admission(
     server: Server, conn: http.client.HTTPSConnection
 ) -> None:

@@ -398,10 +398,8 @@ def reconcile(
     older = [*bundle, *trusted]
     try:
         ca_key = _p256(serialization.load_pem_private_key(current.ca_key, password=None))
-        tls_crt = x509.load_pem_x509_certificate(current.tls_crt)
-        tls_key = serialization.load_pem_private_key(current.tls_key, password=None)
     except (ValueError, TypeError) as exc:
-        return _new_ca(names, validity, now, older, why=f"unreadable certificate or key: {exc}")
+        return _new_ca(names, validity, now, older, why=f"unreadable CA key: {exc}")
     if not bundle or ca_key is None:
         return _new_ca(names, validity, now, older, why="no usable P-256 CA key and certificate")
     ca = bundle[0]
@@ -409,7 +407,13 @@ def reconcile(
     if problem:
         return _new_ca(names, validity, now, older, why=problem)
     live = _unexpired(bundle, now)
-    problem = _serving_problem(tls_crt, tls_key, ca, names, validity, now)
+    try:
+        tls_crt = x509.load_pem_x509_certificate(current.tls_crt)
+        tls_key = serialization.load_pem_private_key(current.tls_key, password=None)
+    except (ValueError, TypeError):
+        problem = "tls.crt or tls.key is missing or unreadable"
+    else:
+        problem = _serving_problem(tls_crt, tls_key, ca, names, validity, now)
     if problem:
         cert, key = issue_serving(names, ca, ca_key, validity.days, now)
         material = Material(_bundle(live), current.ca_key, _cert_pem(cert), _key_pem(key))

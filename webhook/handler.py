@@ -94,12 +94,12 @@ class Handler:
         return envelope(review.api_version, result.response)
 
     def _refuse_or_allow(
-        self, review: Review, reason: str, message: str, required: bool = False
+        self, review: Review, reason: str, message: str, test: str, required: bool = False
     ) -> Outcome:
         """The failure policy: deny when failing closed, else admit unchanged with a warning."""
         if self.fail_closed or required:
-            return Outcome(denied(review.uid, message), "denied", reason)
-        return Outcome(allowed(review.uid, [message]), "failed_open", reason)
+            return Outcome(denied(review.uid, message), "denied", reason, test)
+        return Outcome(allowed(review.uid, [message]), "failed_open", reason, test)
 
     def _decide(self, review: Review) -> Outcome:
         if not review.is_pod_create:
@@ -123,7 +123,10 @@ class Handler:
             test = self.source.get(namespace, test_name)
         except MalformedPod as exc:
             return Outcome(
-                allowed(review.uid, [f"pod not mutated: {exc}"]), "skipped", "malformed-pod"
+                allowed(review.uid, [f"pod not mutated: {exc}"]),
+                "skipped",
+                "malformed-pod",
+                test_name,
             )
         except SourceUnavailable as exc:
             metrics.LOOKUPS.labels("unavailable").inc()
@@ -132,6 +135,7 @@ class Handler:
                 "api-unavailable",
                 f"LocustTest {namespace}/{test_name} could not be read ({exc}): "
                 "observability was not injected",
+                test_name,
             )
         except Exception:
             log.exception("LocustTest lookup failed", extra={"uid": review.uid})
@@ -140,12 +144,14 @@ class Handler:
                 "internal-error",
                 f"LocustTest {namespace}/{test_name}: internal error while reading it: "
                 "observability was not injected",
+                test_name,
             )
         if test is None:
             return self._refuse_or_allow(
                 review,
                 "locusttest-not-found",
                 f"LocustTest {namespace}/{test_name} not found: observability was not injected",
+                test_name,
             )
         return self._mutate(review, pod, test, namespace)
 
@@ -174,6 +180,7 @@ class Handler:
                     review,
                     "internal-error",
                     f"LocustTest {namespace}/{name}: internal error while injecting observability",
+                    name,
                     test.required,
                 )
             done = Mutated(

@@ -146,6 +146,13 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         def child_exit(_server: Any, worker: Any) -> None:
             forget_process(worker.pid)
 
+        def when_ready(server: Any) -> None:
+            # gunicorn's own "Listening at" line has no address: each worker binds its socket.
+            server.log.info(
+                "serving HTTPS on %s port %d: %d workers of %d threads",
+                s.host, s.port, s.workers, s.threads,
+            )  # fmt: skip
+
         options = {
             "bind": f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}",
             "worker_class": "gthread",
@@ -163,6 +170,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "post_worker_init": post_worker_init,
             "worker_exit": worker_exit,
             "child_exit": child_exit,
+            "when_ready": when_ready,
             "accesslog": None,
             "errorlog": "-",
             "loglevel": s.log_level,
