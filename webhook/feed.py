@@ -49,7 +49,9 @@ def _send_timeout(conn: socket.socket, seconds: float) -> None:
     """Bound every send on `conn` (SO_SNDTIMEO); receiving stays blocking, so a thread can wait
     on the connection as long as the other side says nothing."""
     whole = int(seconds)
-    micro = max(int((seconds - whole) * 1e6), 0 if whole else 1000)
+    micro = int((seconds - whole) * 1e6)
+    if not whole and not micro:
+        micro = 1  # a zero timeval means no timeout at all
     conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", whole, micro))
 
 

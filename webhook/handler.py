@@ -138,7 +138,9 @@ class Handler:
                 test_name,
             )
         except Exception:
-            log.exception("LocustTest lookup failed", extra={"uid": review.uid})
+            log.exception(
+                "LocustTest lookup failed", extra={"uid": review.uid, "locusttest": test_name}
+            )
             return self._refuse_or_allow(
                 review,
                 "internal-error",

@@ -66,11 +66,6 @@ class DeadlineSSLSocket(ssl.SSLSocket):
         if how == socket.SHUT_WR:  # gunicorn's graceful close: its drain follows
             self._closing = True
 
-    def settimeout(self, value: float | None) -> None:
-        if self._closing and (value is None or value > LINGER_IDLE):
-            value = LINGER_IDLE
-        super().settimeout(value)
-
     def _start_budget(self) -> None:
         self._deadline = time.monotonic() + REQUEST_READ_BUDGET
         self.settimeout(REQUEST_READ_BUDGET)
@@ -104,6 +99,9 @@ class DeadlineSSLSocket(ssl.SSLSocket):
         timeout = self.gettimeout()
         if timeout == 0:  # non-blocking sockets (the keep-alive poller's) are left alone
             return super().recv(buflen, flags)
+        if self._closing and (timeout is None or timeout > LINGER_IDLE):
+            timeout = LINGER_IDLE
+            self.settimeout(timeout)
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
             raise self._timed_out("request")
