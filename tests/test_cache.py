@@ -420,14 +420,19 @@ def test_ready_waits_for_every_namespace(api: FakeKubeAPI, make_source: MakeSour
     wait_until(source.ready, timeout=10)
 
 
+def v1_locusttest(name: str) -> dict[str, Any]:
+    """A locust.io/v1 LocustTest (no observability block in that version)."""
+    return {
+        "apiVersion": "locust.io/v1",
+        "kind": "LocustTest",
+        "metadata": {"name": name},
+        "spec": {"masterCommandSeed": "-f /lotest/src/locustfile.py", "workerReplicas": 1},
+    }
+
+
 def test_v1_only_server_is_read_as_v1(make_source: MakeSource) -> None:
     with FakeKubeAPI(versions=("v1",)) as server:
-        v1 = {
-            "apiVersion": "locust.io/v1",
-            "kind": "LocustTest",
-            "metadata": {"name": "e2e-test-v1"},
-            "spec": {"masterCommandSeed": "-f /lotest/src/locustfile.py", "workerReplicas": 1},
-        }
+        v1 = v1_locusttest("e2e-test-v1")
         server.create(v1)
         source = make_source(server=server)
         wait_until(source.ready)
@@ -456,7 +461,8 @@ def test_v2_served_after_start_is_read_as_v2_from_the_next_watch(make_source: Ma
             return info is not None and info.api_version == "locust.io/v2"
 
         wait_until(read_as_v2)
-        assert "/v2/" in server.lists()[-1].path and "/v2/" in server.watches()[-1].path
+        assert "/v2/" in server.lists()[-1].path
+        wait_until(lambda: "/v2/" in server.watches()[-1].path)  # and it watches on in v2
         source.stop()
 
 
@@ -467,15 +473,9 @@ def test_v2_no_longer_served_is_read_as_v1(make_source: MakeSource) -> None:
         wait_until(source.ready)
         server.versions = ("v1",)
         wait_until(lambda: "/v1/" in server.lists()[-1].path, timeout=15)
-        v1 = {
-            "apiVersion": "locust.io/v1",
-            "kind": "LocustTest",
-            "metadata": {"name": "rolled-back"},
-            "spec": {"masterCommandSeed": "-f /lotest/src/locustfile.py", "workerReplicas": 1},
-        }
-        server.create(v1)
+        server.create(v1_locusttest("rolled-back"))
         wait_until(lambda: source.cached(("default", "rolled-back")) is not None)
-        assert "/v1/" in server.watches()[-1].path
+        wait_until(lambda: "/v1/" in server.watches()[-1].path)  # and it watches on in v1
         source.stop()
 
 

@@ -110,7 +110,25 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
     assert "is not the key of" in done.stderr
 
 
-def test_serve_without_cluster_or_directory_says_what_to_set(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        # Neither a cluster nor a kubeconfig: say what to set.
+        (
+            {"KUBECONFIG": "/nonexistent/kubeconfig"},
+            ["no Kubernetes API configuration", "KUBECONFIG", "--locusttests"],
+        ),
+        # In a pod whose configuration is broken: say why it cannot be used.
+        (
+            {"KUBERNETES_SERVICE_HOST": "10.0.0.1"},
+            ["in-cluster configuration", "host/port is not set"],
+        ),
+    ],
+    ids=["no cluster, no directory", "broken in-cluster configuration"],
+)
+def test_serve_without_a_usable_cluster_says_why(
+    tmp_path: Path, env: dict[str, str], said: list[str]
+) -> None:
     make_certs(tmp_path)
     done = cli(
         "serve",
@@ -118,26 +136,11 @@ def test_serve_without_cluster_or_directory_says_what_to_set(tmp_path: Path) -> 
         str(tmp_path / "tls.crt"),
         "--key-file",
         str(tmp_path / "tls.key"),
-        env={"HOME": str(tmp_path), "KUBECONFIG": str(tmp_path / "missing")},
+        env={"HOME": str(tmp_path), **env},
     )
     assert done.returncode == 2
-    assert "no Kubernetes API configuration" in done.stderr
-    assert "KUBECONFIG" in done.stderr and "--locusttests" in done.stderr
-
-
-def test_serve_in_a_cluster_without_its_configuration_says_why(tmp_path: Path) -> None:
-    make_certs(tmp_path)
-    done = cli(
-        "serve",
-        "--cert-file",
-        str(tmp_path / "tls.crt"),
-        "--key-file",
-        str(tmp_path / "tls.key"),
-        env={"HOME": str(tmp_path), "KUBERNETES_SERVICE_HOST": "10.0.0.1"},
-    )
-    assert done.returncode == 2
-    assert "in-cluster configuration" in done.stderr
-    assert "host/port is not set" in done.stderr
+    for words in said:
+        assert words in done.stderr
 
 
 def test_help_shows_every_setting_with_env_and_default() -> None:
