@@ -515,6 +515,16 @@ def test_invalid_locusttest_is_skipped_and_the_watch_goes_on(
     assert "skipping invalid LocustTest default/broken" in caplog.text
 
 
+def test_a_locusttest_changed_into_an_invalid_one_is_no_longer_served(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    valid = api.create(locusttest("turned"))
+    source = make_source()
+    wait_until(lambda: source.cached(("default", "turned")) is not None)
+    api.update({**valid, "metadata": {**valid["metadata"], "annotations": "not a map"}})
+    wait_until(lambda: source.cached(("default", "turned")) is None)
+
+
 def test_stop_returns_promptly_with_open_watches(api: FakeKubeAPI, make_source: MakeSource) -> None:
     source = make_source(namespaces=("a", "b", "c"))
     wait_until(lambda: len(api.watches()) == 3)

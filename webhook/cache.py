@@ -409,12 +409,12 @@ class ClusterSource:
 
     def _apply(self, scope: _Scope, kind: str, obj: Any) -> None:
         key: Key | None = None
-        if kind in ("ADDED", "MODIFIED"):
-            info = _parse(obj)
-            if info is not None:
-                key = (info.namespace, info.name)
-                self._views[scope.namespace][key] = info
-        elif kind == "DELETED":
+        info = _parse(obj) if kind in ("ADDED", "MODIFIED") else None
+        if info is not None:
+            key = (info.namespace, info.name)
+            self._views[scope.namespace][key] = info
+        elif kind in ("ADDED", "MODIFIED", "DELETED"):
+            # Deleted, or changed into something invalid: its last version no longer holds.
             metadata = obj.get("metadata") or {}
             key = (metadata.get("namespace") or "", metadata.get("name") or "")
             self._views[scope.namespace].pop(key, None)
