@@ -4,7 +4,6 @@ fails closed or the LocustTest is required. And the admission line names the Loc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
@@ -12,8 +11,9 @@ from typing import Any
 import orjson
 import pytest
 from conftest import Source
-from fixtures import locusttest, operator_pod, review
+from fixtures import locusttest, operator_pod
 from prometheus_client import REGISTRY
+from test_memo import admit
 
 from webhook import handler as handler_module
 from webhook import logs
@@ -29,10 +29,6 @@ class BrokenSource(Source):
         raise RuntimeError("the cache is corrupt")
 
 
-def answer(handler: Handler, pod: dict[str, Any]) -> dict[str, Any]:
-    return dict(json.loads(handler.handle(json.dumps(review(pod)).encode()))["response"])
-
-
 def admissions(outcome: str, reason: str) -> float:
     labels = {"outcome": outcome, "reason": reason}
     return REGISTRY.get_sample_value("locust_webhook_admissions_total", labels) or 0.0
@@ -43,7 +39,7 @@ def test_a_failing_lookup_admits_the_pod_unchanged_with_a_warning_logged_and_cou
 ) -> None:
     before = admissions("failed_open", "internal-error")
     with caplog.at_level(logging.ERROR, logger="webhook.admission"):
-        response = answer(Handler(BrokenSource(), MutationSettings()), operator_pod("t", "master"))
+        response = admit(Handler(BrokenSource(), MutationSettings()), operator_pod("t", "master"))
     assert response["allowed"] is True
     assert "patch" not in response
     assert response["warnings"] == [
@@ -56,7 +52,7 @@ def test_a_failing_lookup_admits_the_pod_unchanged_with_a_warning_logged_and_cou
 
 def test_a_failing_lookup_is_denied_when_failing_closed() -> None:
     handler = Handler(BrokenSource(), MutationSettings(), failure_policy="closed")
-    response = answer(handler, operator_pod("t", "worker"))
+    response = admit(handler, operator_pod("t", "worker"))
     assert response["allowed"] is False
     assert response["status"]["code"] == 403
     assert "internal error while reading it" in response["status"]["message"]
@@ -74,7 +70,7 @@ def test_a_failing_mutation_follows_the_policy_and_the_required_annotation(
 
     monkeypatch.setattr(handler_module, "mutate", broken)
     handler = Handler(Source(locusttest("t", annotations=annotations)), MutationSettings())
-    response = answer(handler, operator_pod("t", "master"))
+    response = admit(handler, operator_pod("t", "master"))
     assert response["allowed"] is allowed
     message = "LocustTest default/t: internal error while injecting observability"
     if allowed:
@@ -92,7 +88,7 @@ def test_the_admission_line_names_the_locusttest_that_was_not_found(
     try:
         buffer = logs.LineBuffer(write_end)
         monkeypatch.setattr(logs, "LINES", buffer)
-        answer(Handler(Source(), MutationSettings()), operator_pod("nosuch", "master"))
+        admit(Handler(Source(), MutationSettings()), operator_pod("nosuch", "master"))
         buffer.flush()
         line = orjson.loads(os.read(read_end, 1 << 16))
     finally:
