@@ -257,6 +257,8 @@ def test_settings_come_from_flags_else_environment() -> None:
         (("--out-dir", "x", "--days", "365", "--ca-days", "366"), "at least twice --days"),
         (("--out-dir", "x", "--days", "soon"), "LOCUST_WEBHOOK_DAYS"),
         (("--out-dir", "x", "--service", "Not_A_Name"), "DNS label"),
+        (("--out-dir", "x", "--service", "webhook\n"), "DNS label"),
+        (("--secret", "tls\n", "--webhook-config", "w"), "object name"),
     ],
 )
 def test_bad_settings_are_refused_with_the_flag_named(argv: tuple[str, ...], message: str) -> None:

@@ -64,8 +64,9 @@ def _key_usage(signs_certificates: bool) -> x509.KeyUsage:
 # Clocks of the API server and the node writing the certificate may disagree a little.
 CLOCK_SKEW = timedelta(hours=1)
 CONFLICT_RETRIES = 3
-DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-OBJECT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# Matched with fullmatch: `$` would let a trailing newline through into the Secret and SANs.
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 # --- settings -------------------------------------------------------------------------------
@@ -82,13 +83,13 @@ def _days(raw: str) -> int:
 
 
 def _label(raw: str) -> str:
-    if not DNS_LABEL.match(raw):
+    if not DNS_LABEL.fullmatch(raw):
         raise SettingError(f"must be a DNS label (lowercase letters, digits, '-'), got {raw!r}")
     return raw
 
 
 def _optional_name(raw: str) -> str:
-    if raw and not OBJECT_NAME.match(raw):
+    if raw and not OBJECT_NAME.fullmatch(raw):
         raise SettingError(f"must be a Kubernetes object name, got {raw!r}")
     return raw
 

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "LOCUST_WEBHOOK_"
-QUANTITY = re.compile(r"^([0-9]+(\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
-IMAGE = re.compile(r"^[a-z0-9][a-z0-9._\-/:@]*$", re.IGNORECASE)
+# Matched with fullmatch: `$` would let a trailing newline through, which the API server refuses.
+QUANTITY = re.compile(r"([0-9]+(\.[0-9]+)?)(m|k|M|G|T|Ki|Mi|Gi|Ti)?")
+IMAGE = re.compile(r"[a-z0-9][a-z0-9._\-/:@]*", re.IGNORECASE)
 
 
 class SettingError(ValueError):
@@ -64,13 +65,13 @@ def _boolean(raw: str) -> bool:
 
 
 def _quantity(raw: str) -> str:
-    if raw and not QUANTITY.match(raw):
+    if raw and not QUANTITY.fullmatch(raw):
         raise SettingError(f"must be a Kubernetes quantity such as 100m or 64Mi, got {raw!r}")
     return raw
 
 
 def _image(raw: str) -> str:
-    if not IMAGE.match(raw):
+    if not IMAGE.fullmatch(raw):
         raise SettingError(f"must be a container image reference, got {raw!r}")
     return raw
 
