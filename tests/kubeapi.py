@@ -1,7 +1,8 @@
 """A local HTTPS server that speaks the Kubernetes list/watch protocol for locusttests.locust.io.
 
 Real HTTP over TLS with a bearer token, `Status` errors, paged lists, chunked watch streams with
-bookmarks and 410 Expired, plus fault knobs (latency, lag, cuts, failures, RBAC) for tests.
+bookmarks and 410 Expired, plus fault knobs (latency, lag, cuts, failures, RBAC, garbage, held
+answers) for tests.
 """
 
 from __future__ import annotations
@@ -194,6 +195,9 @@ class FakeKubeAPI:
         self.latency = 0.0  # seconds added before every response
         self.lag = 0.0  # seconds before an event is delivered on watches
         self.forbid = False  # 403 for everything, like a service account without RBAC
+        self.forbid_namespaces: frozenset[str] = frozenset()  # 403 in these namespaces only
+        self.garbage = False  # 200 with a body that is not JSON, like a proxy's error page
+        self.silent = False  # open watches send nothing and never end, like a dead peer
         self.requests: list[Request] = []
         self._cond = threading.Condition()
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
@@ -203,6 +207,8 @@ class FakeKubeAPI:
         self._cut = 0  # bumped by cut_watches(); open streams notice and close
         self._failures = 0
         self._failure_code = 500
+        self._holding = False  # GETs read their object, then wait for release_gets()
+        self._held = 0
         self._stopping = threading.Event()
         self._connections: set[ssl.SSLSocket] = set()
         self._server: _Server | None = None
@@ -365,6 +371,22 @@ class FakeKubeAPI:
         with self._cond:
             self._failures, self._failure_code = n, code
 
+    def hold_gets(self) -> None:
+        """From now on a GET reads its object at once but answers only after release_gets()."""
+        with self._cond:
+            self._holding = True
+
+    def release_gets(self) -> None:
+        """Let the held GETs answer (with the objects as they read them), and hold no more."""
+        with self._cond:
+            self._holding = False
+            self._cond.notify_all()
+
+    def held_gets(self) -> int:
+        """How many GETs have read their object and wait for release_gets()."""
+        with self._cond:
+            return self._held
+
     def watches(self) -> list[Request]:
         """The watch requests received so far."""
         with self._cond:
@@ -397,13 +419,15 @@ class FakeKubeAPI:
             return
         if failure:
             return _send(h, failure, status(failure, f"injected failure {failure}"))
+        if self.garbage:
+            return _send_data(h, 200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
         if h.headers.get("Authorization") != f"Bearer {self.token}":
             return _send(h, 401, status(401, "Unauthorized"))
         route = ROUTE.fullmatch(url.path)
         if route is None or route["version"] not in self.versions:
             return _send(h, 404, status(404, "the server could not find the requested resource"))
         version, namespace, name = route["version"], route["namespace"], route["name"]
-        if self.forbid:
+        if self.forbid or namespace in self.forbid_namespaces:
             verb = "get" if name else "watch" if query.get("watch") in TRUE else "list"
             scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
             message = (
@@ -424,6 +448,11 @@ class FakeKubeAPI:
     def _get(self, h: _Handler, version: str, namespace: str, name: str) -> None:
         with self._cond:
             obj = self._objects.get((namespace, name))
+            if self._holding:
+                self._held += 1
+                while self._holding and not self._stopping.is_set():
+                    self._cond.wait(0.05)
+                self._held -= 1
         if obj is None:
             details = {"name": name, "group": GROUP, "kind": "locusttests"}
             return _send(h, 404, status(404, f'locusttests.locust.io "{name}" not found', details))
@@ -493,6 +522,9 @@ class FakeKubeAPI:
                         h.close_connection = True
                         _shutdown(h.connection)
                         return
+                    if self.silent:
+                        self._cond.wait(0.05)
+                        continue
                     now = time.monotonic()
                     due = [
                         e
@@ -531,9 +563,12 @@ def _render(obj: dict[str, Any], version: str) -> dict[str, Any]:
 
 
 def _send(h: _Handler, code: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
+    _send_data(h, code, json.dumps(body).encode(), "application/json")
+
+
+def _send_data(h: _Handler, code: int, data: bytes, content_type: str) -> None:
     h.send_response(code)
-    h.send_header("Content-Type", "application/json")
+    h.send_header("Content-Type", content_type)
     h.send_header("Content-Length", str(len(data)))
     h.end_headers()
     h.wfile.write(data)

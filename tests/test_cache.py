@@ -11,6 +11,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from kubeapi import FakeKubeAPI
 from kubernetes import client, config
 from prometheus_client import REGISTRY
 
-from webhook.cache import ClusterSource
-from webhook.lookup import SourceUnavailable
+from webhook import cache
+from webhook.cache import ClusterSource, Key
+from webhook.lookup import BACKOFF_CAP, BACKOFF_START, Backoff, SourceUnavailable
+from webhook.models import LocustTestInfo
 
 MakeSource = Callable[..., ClusterSource]
 
@@ -58,6 +61,10 @@ def wait_until(predicate: Callable[[], object], timeout: float = 5.0) -> None:
 
 def metric(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def endpoint(info: LocustTestInfo | None) -> str | None:
+    return None if info is None or info.otel is None else info.otel.endpoint
 
 
 @pytest.fixture
@@ -101,7 +108,7 @@ def test_initial_list_fills_the_cache_and_makes_it_ready(
     source = make_source()
     wait_until(source.ready)
     assert source.size() == 3
-    assert metric("locust_webhook_cache_synced") == 1
+    wait_until(lambda: metric("locust_webhook_cache_synced") == 1)  # set just after ready()
     hits = metric("locust_webhook_lookups_total", result="cache_hit")
     info = source.get("team-a", "load-a")
     assert info is not None and info.otel is not None
@@ -280,14 +287,31 @@ def test_cut_watch_resumes_from_the_last_resource_version(
 
 
 def test_watch_timeout_reconnects_without_relist(api: FakeKubeAPI, make_source: MakeSource) -> None:
+    closed = metric("locust_webhook_watch_restarts_total", reason="closed")
     source = make_source(watch_timeout=1)
     wait_until(source.ready)
     api.create(locusttest("load-a"))
     wait_until(lambda: len(api.watches()) >= 2, timeout=5)
+    assert metric("locust_webhook_watch_restarts_total", reason="closed") >= closed + 1
     assert 1 <= int(api.watches()[0].query["timeoutSeconds"]) <= 2
     api.create(locusttest("load-b"))
     wait_until(lambda: source.size() == 2)
     assert len(api.lists()) == 1
+
+
+def test_silent_watch_is_taken_for_dead_and_restarted(
+    api: FakeKubeAPI, make_source: MakeSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch that neither sends nor ends (a peer gone without a FIN) must not freeze the
+    cache: past its timeoutSeconds and the margin, the read gives up and the watch restarts."""
+    monkeypatch.setattr(cache, "WATCH_READ_MARGIN", 0.5)
+    api.silent = True
+    source = make_source(watch_timeout=1)
+    wait_until(source.ready)
+    wait_until(lambda: len(api.watches()) >= 2, timeout=10)
+    api.silent = False
+    api.create(locusttest("load-a"))
+    wait_until(lambda: source.size() == 1, timeout=10)
 
 
 def test_server_error_burst_at_start_and_mid_watch_recovers(
@@ -304,6 +328,27 @@ def test_server_error_burst_at_start_and_mid_watch_recovers(
     wait_until(lambda: source.size() == 1, timeout=15)
     assert metric("locust_webhook_watch_restarts_total", reason="error") >= errors + 3
     assert len(api.lists()) == lists
+
+
+def test_failing_list_is_retried_with_growing_delays(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    api.fail_next(10_000, code=503)
+    started = time.monotonic()
+    make_source()
+    wait_until(lambda: len(api.lists()) >= 4)
+    # Three waits, each at least half its ceiling, which doubles from BACKOFF_START.
+    assert time.monotonic() - started >= BACKOFF_START / 2 * (1 + 2 + 4)
+
+
+def test_backoff_doubles_with_jitter_up_to_its_cap_and_starts_over_on_reset() -> None:
+    backoff = Backoff()
+    delays = [backoff.next() for _ in range(12)]
+    ceilings = [min(BACKOFF_START * 2**i, BACKOFF_CAP) for i in range(12)]
+    assert ceilings[-1] == BACKOFF_CAP
+    assert all(c / 2 <= d <= c for d, c in zip(delays, ceilings, strict=True))
+    backoff.reset()
+    assert BACKOFF_START / 2 <= backoff.next() <= BACKOFF_START
 
 
 def test_lookup_on_a_slow_api_returns_within_its_budget(
@@ -332,15 +377,16 @@ def test_default_lookup_budget_holds_on_a_slow_api(
 def test_missing_locusttest_is_none_after_retrying_for_the_budget(
     api: FakeKubeAPI, make_source: MakeSource
 ) -> None:
-    source = make_source(lookup_timeout=0.6)
+    source = make_source()
     wait_until(source.ready)
     before = len(api.requests)
     started = time.monotonic()
     assert source.get("default", "missing") is None
     elapsed = time.monotonic() - started
     gets = [r for r in api.requests[before:] if r.path.endswith("/locusttests/missing")]
-    assert len(gets) >= 3
-    assert 0.2 < elapsed < 0.6 + 0.2
+    # Growing delays (0.05, 0.1, 0.2, 0.4, 0.4 s) fit six GETs into the 1.5 s budget.
+    assert 4 <= len(gets) <= 8
+    assert 0.7 < elapsed < 1.5 + 0.2
 
 
 def test_direct_get_finds_a_locusttest_the_watch_has_not_delivered(
@@ -378,6 +424,37 @@ def test_direct_get_retries_a_404_until_the_locusttest_exists(
         timer.join()
 
 
+def test_a_slow_direct_get_does_not_undo_a_newer_watch_event(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source(lookup_timeout=5.0)
+    wait_until(source.ready)
+    api.lag = 30.0
+    api.create(locusttest("load-a", endpoint="http://old:4317"))
+    api.hold_gets()
+    with ThreadPoolExecutor(1) as pool:
+        lookup = pool.submit(source.get, "default", "load-a")
+        wait_until(lambda: api.held_gets() == 1)  # the GET has read load-a as it was
+        api.update(locusttest("load-a", endpoint="http://new:4317"))
+        api.lag = 0.0
+        wait_until(lambda: endpoint(source.cached(("default", "load-a"))) == "http://new:4317")
+        api.release_gets()
+        assert lookup.result(timeout=5) is not None
+    assert endpoint(source.cached(("default", "load-a"))) == "http://new:4317"
+
+
+def test_direct_get_answered_with_garbage_is_unavailable_after_retrying(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source(lookup_timeout=0.3)
+    wait_until(source.ready)
+    api.garbage = True
+    before = len(api.requests)
+    with pytest.raises(SourceUnavailable, match="default/load-a"):
+        source.get("default", "load-a")
+    assert len([r for r in api.requests[before:] if r.path.endswith("/load-a")]) >= 2
+
+
 def test_same_name_in_another_namespace_is_never_returned(
     api: FakeKubeAPI, make_source: MakeSource
 ) -> None:
@@ -412,12 +489,50 @@ def test_configured_namespaces_are_watched_one_by_one_and_others_never_asked(
 
 
 def test_ready_waits_for_every_namespace(api: FakeKubeAPI, make_source: MakeSource) -> None:
-    api.fail_next(10_000, code=500)
+    api.create(locusttest("load-a", "team-a"))
+    api.forbid_namespaces = frozenset({"team-b"})
     source = make_source(namespaces=("team-a", "team-b"))
-    wait_until(lambda: len(api.requests) >= 2)
+    # team-a is listed (its watch follows the list); team-b is refused.
+    wait_until(lambda: any("/team-a/" in r.path for r in api.watches()))
+    wait_until(lambda: any("/team-b/" in r.path for r in api.lists()))
+    assert source.size() == 1
     assert not source.ready()
-    api.fail_next(0)
-    wait_until(source.ready, timeout=10)
+    assert metric("locust_webhook_cache_synced") == 0
+    api.forbid_namespaces = frozenset()
+    wait_until(lambda: any("/team-b/" in r.path for r in api.watches()), timeout=10)
+    assert source.ready()
+    assert metric("locust_webhook_cache_synced") == 1
+
+
+class Recorder:
+    """A Listener that reads each change back as webhook.feed does, to tell workers."""
+
+    def __init__(self) -> None:
+        self.source: ClusterSource | None = None
+        self.told: list[tuple[Key, str | None]] = []
+
+    def listed(self) -> None:
+        pass
+
+    def changed(self, key: Key) -> None:
+        assert self.source is not None
+        self.told.append((key, endpoint(self.source.cached(key))))
+
+
+def test_changes_in_configured_namespaces_reach_the_listener_as_they_are(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    recorder = Recorder()
+    source = make_source(namespaces=("team-a",), listener=recorder, start=False)
+    recorder.source = source
+    source.start()
+    wait_until(source.ready)
+    api.create(locusttest("load-a", "team-a", endpoint="http://first:4317"))
+    api.update(locusttest("load-a", "team-a", endpoint="http://second:4317"))
+    api.delete("team-a", "load-a")
+    wait_until(lambda: len(recorder.told) == 3)
+    key = ("team-a", "load-a")
+    assert recorder.told == [(key, "http://first:4317"), (key, "http://second:4317"), (key, None)]
 
 
 def v1_locusttest(name: str) -> dict[str, Any]:
@@ -445,6 +560,19 @@ def test_v1_only_server_is_read_as_v1(make_source: MakeSource) -> None:
         server.create({**v1, "metadata": {"name": "later"}})
         wait_until(lambda: source.size() == 2)
         assert all("/v1/" in r.path for r in server.watches())
+        source.stop()
+
+
+def test_v1_only_server_direct_get_finds_a_v1_locusttest(make_source: MakeSource) -> None:
+    with FakeKubeAPI(versions=("v1",)) as server:
+        source = make_source(server=server, lookup_timeout=0.5)
+        wait_until(source.ready)
+        server.lag = 30.0
+        server.create(v1_locusttest("not-watched-yet"))
+        info = source.get("default", "not-watched-yet")
+        assert info is not None and info.api_version == "locust.io/v1" and info.otel is None
+        gets = [r.path for r in server.requests if r.path.endswith("/not-watched-yet")]
+        assert gets == ["/apis/locust.io/v1/namespaces/default/locusttests/not-watched-yet"]
         source.stop()
 
 
@@ -497,6 +625,24 @@ def test_missing_rbac_logs_one_clear_line_and_recovers(
         source.get("team-a", "load-a")
     api.forbid = False
     wait_until(source.ready, timeout=10)
+
+
+def test_rbac_lost_again_after_a_recovery_is_logged_again(
+    api: FakeKubeAPI, make_source: MakeSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.cache")
+
+    def rbac_lines() -> int:
+        return len([r for r in caplog.records if r.getMessage().startswith("RBAC")])
+
+    api.forbid = True
+    source = make_source()
+    wait_until(lambda: rbac_lines() == 1)
+    api.forbid = False
+    wait_until(source.ready, timeout=10)
+    api.forbid = True
+    api.cut_watches()
+    wait_until(lambda: rbac_lines() == 2, timeout=10)
 
 
 def test_invalid_locusttest_is_skipped_and_the_watch_goes_on(

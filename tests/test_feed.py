@@ -273,6 +273,28 @@ def test_a_worker_that_reads_nothing_is_dropped(
         late.stop()
 
 
+def test_a_worker_that_stops_reading_for_a_moment_keeps_its_connection(
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], path: Path
+) -> None:
+    """The send timeout is for a worker that reads nothing at all: one that is busy for a
+    second (a burst of admissions) with its socket full still gets its whole copy."""
+    many_long_locusttests(api)
+    watcher = start_watcher()
+    wait_until(watcher.source.ready)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as busy:
+        busy.connect(str(path))
+        busy.recv(1, socket.MSG_PEEK)  # its copy is on its way: the socket fills and stops
+        time.sleep(1.0)
+        busy.settimeout(5.0)
+        received = b""
+        while not received.endswith(b'["synced"]\n'):
+            chunk = busy.recv(1 << 16)
+            assert chunk, "the watcher dropped the worker"
+            received += chunk
+    messages = [orjson.loads(line) for line in received.splitlines()]
+    assert sum(len(message[1]) for message in messages if message[0] == "put") == 4000
+
+
 def test_a_watcher_that_reads_nothing_fails_lookups_in_time_and_is_left(
     path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -323,6 +345,42 @@ def worker_connection(path: Path) -> socket.socket:
     while b'["synced"]\n' not in received:
         received += conn.recv(1 << 16)
     return conn
+
+
+def test_workers_that_leave_are_forgotten(
+    start_watcher: Callable[[], InThreadWatcher], path: Path
+) -> None:
+    """Every reconnect is a new connection: the watcher holds on to none of the gone ones."""
+    watcher = start_watcher()
+    wait_until(watcher.source.ready)
+    for _ in range(5):
+        worker_connection(path).close()
+    with worker_connection(path):
+        wait_until(lambda: len(watcher.feed._peers) == 1, timeout=5)
+    wait_until(lambda: not watcher.feed._peers, timeout=5)
+
+
+def sleeps(thread: threading.Thread) -> int:
+    """How many times the thread has waited on something (Linux counts it per thread)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    (count,) = [
+        line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt")
+    ]
+    return int(count)
+
+
+def test_a_worker_without_its_watcher_waits_between_attempts(path: Path) -> None:
+    """Nothing at the socket: the worker tries again after growing pauses (a handful of
+    attempts in a second), not in a loop that keeps a core busy."""
+    worker = FeedSource(str(path))
+    worker.start()
+    try:
+        assert worker._thread is not None
+        before = sleeps(worker._thread)
+        time.sleep(1.0)
+        assert sleeps(worker._thread) - before < 50
+    finally:
+        worker.stop()
 
 
 def test_a_line_that_is_not_a_lookup_ends_the_connection(

@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -16,8 +17,12 @@ from typing import Any
 
 import pytest
 from fixtures import locusttest, operator_pod
-from kubeapi import FakeKubeAPI
+from kubeapi import ROUTE, FakeKubeAPI
 from server_process import Server, serve
+
+from webhook.config import ServeSettings
+from webhook.lookup import BACKOFF_START
+from webhook.watcher import Watcher
 
 OTEL = {"enabled": True, "endpoint": "http://otel-collector:4317"}
 
@@ -240,3 +245,104 @@ def test_sigterm_stops_the_watcher_and_removes_its_socket(api: FakeKubeAPI, tmp_
     assert server.process.returncode == 0
     assert not Path(f"/proc/{watcher}").exists()
     assert not socket_path.parent.exists()
+
+
+def test_namespaces_are_listed_and_watched_alone(api: FakeKubeAPI, tmp_path: Path) -> None:
+    """`--namespaces` goes with a namespace-scoped service account: the API is asked about
+    those namespaces only (cluster-wide it would answer 403), and a LocustTest elsewhere is
+    not used."""
+    api.create(locusttest("inside", "team-a", otel=OTEL))
+    api.create(locusttest("outside", "team-c", otel=OTEL))
+    env = cluster_env(api, tmp_path)
+    with serve(tmp_path, "--workers", "1", "--namespaces", "team-a,team-b", env=env) as server:
+        inside = server.admit(operator_pod("inside", "worker"), "team-a")
+        assert "--otel" in json.dumps(patch_of(inside))
+        outside = server.admit(operator_pod("outside", "worker"), "team-c")
+        assert "patch" not in outside
+        assert "LocustTest team-c/outside not found" in " ".join(outside["warnings"])
+        wait_until(lambda: len(api.watches()) >= 2)
+    scopes = {match["namespace"] for r in api.requests if (match := ROUTE.fullmatch(r.path))}
+    assert scopes == {"team-a", "team-b"}
+    assert len(api.lists()) == 2
+
+
+def test_a_worker_that_exits_leaves_the_watcher_to_its_replacement(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """A worker that exits (SIGTERM to it alone; gunicorn starts another) leaves through the
+    same cleanup as `serve`: the watcher process and its socket belong to the master and
+    must stay for the new worker."""
+    api.create(locusttest("kept", otel=OTEL))
+    with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
+        wait_until(lambda: server.copies_received() == 1)
+        (first,) = server.workers(1)
+        watcher = server.watcher()
+        os.kill(first, signal.SIGTERM)
+        wait_until(lambda: server.copies_received() == 2)
+        assert first not in server.workers(1)
+        assert readyz(server) == 200
+        assert "--otel" in json.dumps(patch_of(server.admit(operator_pod("kept", "worker"))))
+        assert server.watcher() == watcher
+
+
+def test_stop_terminates_the_watcher_process(
+    api: FakeKubeAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve`'s shutdown asks the watcher process to leave (SIGTERM, which ends it at once)
+    instead of waiting out the stop timeout and killing it."""
+    for name, value in cluster_env(api, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    watcher = Watcher(ServeSettings())
+    watcher.start()
+    process = watcher._process
+    assert process is not None and process.stdin is not None and process.poll() is None
+    with process.stdin:  # the pipe `serve` closes by exiting
+        watcher.stop()
+    assert process.returncode == -signal.SIGTERM
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process runs (a zombie nobody reaped has finished)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_the_watcher_process_leaves_when_serve_is_killed(api: FakeKubeAPI, tmp_path: Path) -> None:
+    """SIGKILL to `serve` (the OOM killer, a forced pod deletion) runs none of its cleanup:
+    the watcher process notices that `serve` and its workers are gone and exits instead of
+    watching the API for nobody."""
+    with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
+        watcher = server.watcher()
+        arguments = server.children()[watcher].split("\0")
+        feed_directory = Path(arguments[arguments.index("--socket") + 1]).parent
+        try:
+            server.process.kill()
+            server.process.wait()
+            wait_until(lambda: not _alive(watcher))
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.process.pid, signal.SIGKILL)  # whatever is left of the group
+            shutil.rmtree(feed_directory, ignore_errors=True)  # serve had no chance to
+
+
+def test_a_watcher_that_cannot_restart_is_retried_after_growing_pauses(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """A watcher process that keeps failing is not restarted in a loop: each attempt waits
+    about twice as long as the one before (from BACKOFF_START)."""
+    env = cluster_env(api, tmp_path)
+    with serve(tmp_path, "--workers", "1", env=env) as server:
+        Path(env["KUBECONFIG"]).unlink()  # every new watcher process now fails at once
+        killed = time.monotonic()
+        os.kill(server.watcher(), signal.SIGKILL)
+        attempts = 5
+        wait_until(
+            lambda: server.log().count("cannot restart the LocustTest watcher") >= attempts,
+            timeout=30,
+        )
+        # However fast a start fails, the attempts wait at least their shortest pauses.
+        shortest = sum(BACKOFF_START / 2 * 2**i for i in range(attempts))
+        assert time.monotonic() - killed >= shortest

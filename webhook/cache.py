@@ -29,6 +29,9 @@ VERSIONS = ("v2", "v1")
 CLUSTER = ""  # the scope of a cluster-wide list/watch
 PAGE_SIZE = 500
 CONNECT_TIMEOUT = 5.0
+# A watch asks the server to end it after timeoutSeconds; this much longer without a byte (not
+# even a bookmark) and the connection is taken for dead, and the watch restarted.
+WATCH_READ_MARGIN = 30.0
 LIST_TIMEOUT = 60.0
 LOOKUP_DELAYS = (0.05, 0.1, 0.2, 0.4)
 STOP_TIMEOUT = 2.0
@@ -396,7 +399,7 @@ class ClusterSource:
                 resource_version=scope.resource_version,
                 allow_watch_bookmarks=True,
                 timeout_seconds=timeout,
-                _request_timeout=(CONNECT_TIMEOUT, timeout + 30),
+                _request_timeout=(CONNECT_TIMEOUT, timeout + WATCH_READ_MARGIN),
             )  # fmt: skip
             for event in stream:
                 if self._stopping.is_set():
