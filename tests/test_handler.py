@@ -80,22 +80,48 @@ def test_a_failing_mutation_follows_the_policy_and_the_required_annotation(
         assert response["status"]["message"] == message
 
 
-def test_the_admission_line_names_the_locusttest_that_was_not_found(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.INFO, logger="webhook.admission")
+def admission_line(
+    monkeypatch: pytest.MonkeyPatch, handler: Handler, pod: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The answer to one pod, and the admission line it was logged with."""
     read_end, write_end = os.pipe()
     try:
         buffer = logs.LineBuffer(write_end)
         monkeypatch.setattr(logs, "LINES", buffer)
-        admit(Handler(Source(), MutationSettings()), operator_pod("nosuch", "master"))
+        response = admit(handler, pod)
         buffer.flush()
-        line = orjson.loads(os.read(read_end, 1 << 16))
+        line: dict[str, Any] = orjson.loads(os.read(read_end, 1 << 16))
     finally:
         os.close(read_end)
         os.close(write_end)
+    return response, line
+
+
+def test_the_admission_line_names_the_locusttest_that_was_not_found(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    _, line = admission_line(
+        monkeypatch, Handler(Source(), MutationSettings()), operator_pod("nosuch", "master")
+    )
     assert (line["locusttest"], line["outcome"], line["reason"]) == (
         "nosuch",
         "failed_open",
         "locusttest-not-found",
     )
+
+
+def test_a_pod_name_that_is_not_a_string_is_answered_and_logged_without_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by the fuzzer: a generateName nested deeper than JSON encoders go made the
+    admission line fail, and the request a 500 instead of an answer."""
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    pod = operator_pod("nosuch", "master")
+    nested: Any = "x"
+    for _ in range(130):  # 260 levels: orjson encodes 254 at most
+        nested = [{"a": nested}]
+    pod["metadata"]["generateName"] = nested
+    response, line = admission_line(monkeypatch, Handler(Source(), MutationSettings()), pod)
+    assert response["allowed"] is True
+    assert line["pod"] == ""

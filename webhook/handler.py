@@ -78,11 +78,12 @@ class Handler:
         metadata = pod.get("metadata")
         if not isinstance(metadata, dict):
             metadata = {}
+        pod_name = metadata.get("generateName") or metadata.get("name")
         logs.admission(
             {
                 "uid": review.uid,
                 "namespace": review.namespace,
-                "pod": metadata.get("generateName") or metadata.get("name") or "",
+                "pod": pod_name if isinstance(pod_name, str) else "",
                 "locusttest": result.test,
                 "role": result.role,
                 "outcome": result.outcome,
