@@ -1,22 +1,27 @@
-"""The failure policy (SPEC section 7) for internal errors: in the LocustTest lookup and in the
-mutation. The pod is admitted unchanged with a warning, logged and counted, unless the webhook
-fails closed or the LocustTest is required. And the admission line names the LocustTest."""
+"""The failure policy (SPEC section 7) for internal errors and an unreachable API: in the
+LocustTest lookup and in the mutation. The pod is admitted unchanged with a warning, logged and
+counted, unless the webhook fails closed or the LocustTest is required. And what the handler
+skips without a lookup, the namespace it looks in, and the admission line and metrics it leaves."""
 
 from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 from conftest import Source
 from fixtures import locusttest, operator_pod
+from kubeapi import FakeKubeAPI
+from kubernetes import config
 from prometheus_client import REGISTRY
-from test_memo import admit
+from test_memo import ENDPOINT, admit, env_of
 
 from webhook import handler as handler_module
 from webhook import logs
+from webhook.cache import ClusterSource
 from webhook.config import MutationSettings
 from webhook.handler import Handler
 from webhook.models import LocustTestInfo
@@ -81,14 +86,14 @@ def test_a_failing_mutation_follows_the_policy_and_the_required_annotation(
 
 
 def admission_line(
-    monkeypatch: pytest.MonkeyPatch, handler: Handler, pod: dict[str, Any]
+    monkeypatch: pytest.MonkeyPatch, handler: Handler, pod: dict[str, Any], **options: Any
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The answer to one pod, and the admission line it was logged with."""
+    """The answer to one pod, and the admission line it was logged with (`options` as admit's)."""
     read_end, write_end = os.pipe()
     try:
         buffer = logs.LineBuffer(write_end)
         monkeypatch.setattr(logs, "LINES", buffer)
-        response = admit(handler, pod)
+        response = admit(handler, pod, **options)
         buffer.flush()
         line: dict[str, Any] = orjson.loads(os.read(read_end, 1 << 16))
     finally:
@@ -125,3 +130,134 @@ def test_a_pod_name_that_is_not_a_string_is_answered_and_logged_without_it(
     response, line = admission_line(monkeypatch, Handler(Source(), MutationSettings()), pod)
     assert response["allowed"] is True
     assert line["pod"] == ""
+
+
+def lookups(result: str) -> float:
+    return REGISTRY.get_sample_value("locust_webhook_lookups_total", {"result": result}) or 0.0
+
+
+def test_an_unreachable_api_fails_open_and_the_lookup_is_counted_once(tmp_path: Path) -> None:
+    """The source counts its own failed lookups; the handler counts the admission."""
+    failed, unavailable = admissions("failed_open", "api-unavailable"), lookups("unavailable")
+    with FakeKubeAPI() as api:
+        api.forbid = True  # a 403 is not retried: the lookup fails at once
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        api_client = config.new_client_from_config(config_file=str(kubeconfig))
+        try:
+            source = ClusterSource(api_client, lookup_timeout=0.5)
+            response = admit(Handler(source, MutationSettings()), operator_pod("demo", "master"))
+        finally:
+            api_client.close()
+    assert response["allowed"] is True and "patch" not in response
+    assert response["warnings"] == [
+        "LocustTest default/demo could not be read (cannot look up LocustTest default/demo: "
+        "RBAC: the service account cannot get locusttests.locust.io (needs get, list, watch)): "
+        "observability was not injected"
+    ]
+    assert admissions("failed_open", "api-unavailable") == failed + 1
+    assert lookups("unavailable") == unavailable + 1
+
+
+def opted_out_pod() -> dict[str, Any]:
+    return operator_pod("demo", "master", annotations={"observability.locust.io/inject": "false"})
+
+
+def unlabelled_pod() -> dict[str, Any]:
+    pod = operator_pod("demo", "master")
+    pod["metadata"]["labels"]["performance-test-name"] = ""
+    return pod
+
+
+@pytest.mark.parametrize(
+    ("pod", "reason"), [(opted_out_pod(), "opted-out"), (unlabelled_pod(), "no-test-label")]
+)
+def test_pods_left_alone_are_not_looked_up_even_when_failing_closed(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    pod: dict[str, Any],
+    reason: str,
+) -> None:
+    """No LocustTest exists: looking it up would deny the pod."""
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    handler = Handler(Source(), MutationSettings(), failure_policy="closed")
+    response, line = admission_line(monkeypatch, handler, pod)
+    assert response == {"uid": line["uid"], "allowed": True}
+    assert (line["outcome"], line["reason"]) == ("skipped", reason)
+
+
+def test_requests_other_than_a_pod_create_are_skipped_as_such(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    handler = Handler(Source(locusttest("demo")), MutationSettings())
+    pod = operator_pod("demo", "master")
+    response, line = admission_line(monkeypatch, handler, pod, operation="UPDATE")
+    assert response == {"uid": line["uid"], "allowed": True}
+    assert (line["outcome"], line["reason"]) == ("skipped", "not-pod-create")
+
+
+def test_a_pod_that_already_has_it_all_is_counted_unchanged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = Handler(Source(locusttest("demo", otel={"enabled": True})), MutationSettings())
+    patched = admit(handler, operator_pod("demo", "worker"))["pod"]
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    before = admissions("unchanged", "otel")
+    response, line = admission_line(monkeypatch, handler, patched)
+    assert "patch" not in response
+    assert (line["outcome"], line["reason"]) == ("unchanged", "otel")
+    assert admissions("unchanged", "otel") == before + 1
+
+
+def test_a_job_name_the_operator_would_not_give_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    handler = Handler(Source(locusttest("demo", otel={"enabled": True})), MutationSettings())
+    pod = operator_pod("demo", "worker")
+    pod["metadata"]["ownerReferences"][0]["name"] = "hand-made"
+    with caplog.at_level(logging.WARNING, logger="webhook.admission"):
+        response = admit(handler, pod, uid="mismatch")
+    assert "patch" in response
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        "owning Job 'hand-made' is not 'demo-worker', the name the operator gives it"
+    )
+    assert (record.uid, record.locusttest) == ("mismatch", "demo")
+
+
+def test_a_request_without_a_namespace_is_skipped_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    handler = Handler(Source(locusttest("demo")), MutationSettings())
+    response, line = admission_line(
+        monkeypatch, handler, operator_pod("demo", "master"), namespace=""
+    )
+    assert response["allowed"] is True and "patch" not in response
+    assert response["warnings"] == ["pod not mutated: the request has no namespace"]
+    assert (line["outcome"], line["reason"]) == ("skipped", "malformed-pod")
+
+
+def test_the_locusttest_is_looked_up_in_the_request_namespace() -> None:
+    """request.namespace decides; the pod's own metadata.namespace only stands in when the
+    request has none."""
+    otel = {"enabled": True, "endpoint": ENDPOINT}
+    handler = Handler(Source(locusttest("demo", "team-a", otel=otel)), MutationSettings())
+    pod = operator_pod("demo", "worker")
+    pod["metadata"]["namespace"] = "team-b"
+    response = admit(handler, pod, "team-a")
+    assert "k8s.namespace.name=team-a" in env_of(response)["OTEL_RESOURCE_ATTRIBUTES"]
+    pod["metadata"]["namespace"] = "team-a"
+    response = admit(handler, pod, "")
+    assert "k8s.namespace.name=team-a" in env_of(response)["OTEL_RESOURCE_ATTRIBUTES"]
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_the_admission_line_says_whether_it_was_a_dry_run(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, dry_run: bool
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    handler = Handler(Source(locusttest("demo")), MutationSettings())
+    pod = operator_pod("demo", "master")
+    _, line = admission_line(monkeypatch, handler, pod, dry_run=dry_run)
+    assert line["dry_run"] is dry_run

@@ -7,9 +7,11 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
 from typing import Any
 
 import jsonpatch
+import pytest
 from conftest import Source, validate_pod
 from fixtures import locusttest, operator_pod, review
 
@@ -19,9 +21,13 @@ from webhook.handler import Handler
 ENDPOINT = "http://otel-collector.monitoring:4317"
 
 
-def admit(handler: Handler, pod: dict[str, Any], namespace: str = "default") -> dict[str, Any]:
-    """The response to a pod CREATE; its patch, applied strictly to the pod, must be valid."""
-    answer: dict[str, Any] = json.loads(handler.handle(json.dumps(review(pod, namespace)).encode()))
+def admit(
+    handler: Handler, pod: dict[str, Any], namespace: str = "default", **options: Any
+) -> dict[str, Any]:
+    """The response to a review of `pod` (a CREATE unless `options` for fixtures.review say
+    otherwise); its patch, applied strictly to the pod, must be valid."""
+    body = json.dumps(review(pod, namespace, **options)).encode()
+    answer: dict[str, Any] = json.loads(handler.handle(body))
     response: dict[str, Any] = answer["response"]
     if "patch" in response:
         ops = json.loads(base64.b64decode(response["patch"]))
@@ -114,3 +120,36 @@ def test_small_pods_are_their_own_key() -> None:
     admit(handler, operator_pod("demo", "worker"))
     (key,) = handler._memo
     assert 16 < len(key[2]) <= 4096
+
+
+def test_pods_differing_only_in_init_containers_get_patches_of_their_own() -> None:
+    """The exporter is appended to the pod's own init containers, or creates the list: one
+    pod's patch would drop the other's init container, or not apply to it at all."""
+    handler = Handler(Source(locusttest("demo")), MutationSettings())
+    plain = operator_pod("demo", "master")
+    with_init = copy.deepcopy(plain)
+    with_init["spec"]["initContainers"] = [
+        {"name": "fetch-data", "image": "busybox:1.36", "command": ["true"]}
+    ]
+    for pod, wanted in [
+        (plain, ["locust-metrics-exporter"]),
+        (with_init, ["fetch-data", "locust-metrics-exporter"]),
+        (plain, ["locust-metrics-exporter"]),
+    ]:
+        response = admit(handler, pod)
+        assert [c["name"] for c in response["pod"]["spec"]["initContainers"]] == wanted
+
+
+def test_a_job_mismatch_is_logged_for_the_pods_of_that_job_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Pods that differ only in their owning Job share everything else the mutation reads."""
+    handler = Handler(Source(locusttest("demo", otel={"enabled": True})), MutationSettings())
+    ours = operator_pod("demo", "worker")
+    other = copy.deepcopy(ours)
+    other["metadata"]["ownerReferences"][0]["name"] = "hand-made"
+    with caplog.at_level(logging.WARNING, logger="webhook.admission"):
+        for uid, pod in [("other-1", other), ("ours", ours), ("other-2", other)]:
+            admit(handler, pod, uid=uid)
+    noted = [r.uid for r in caplog.records if "'hand-made'" in r.getMessage()]
+    assert noted == ["other-1", "other-2"]

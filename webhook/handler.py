@@ -129,8 +129,7 @@ class Handler:
                 "malformed-pod",
                 test_name,
             )
-        except SourceUnavailable as exc:
-            metrics.LOOKUPS.labels("unavailable").inc()
+        except SourceUnavailable as exc:  # counted in LOOKUPS by the source itself
             return self._refuse_or_allow(
                 review,
                 "api-unavailable",
