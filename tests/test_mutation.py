@@ -13,7 +13,7 @@ from fixtures import locusttest, operator_pod
 
 from webhook.config import MutationSettings
 from webhook.models import parse_locusttest
-from webhook.mutation import NoTarget, mutate
+from webhook.mutation import MalformedPod, NoTarget, mutate
 
 ENDPOINT = "http://otel-collector.monitoring:4317"
 
@@ -118,6 +118,33 @@ def test_exporter_and_mesh_proxy_are_never_the_target() -> None:
     assert m.result.container == "demo-master"
 
 
+@pytest.mark.parametrize("image", ["docker.io/istio/proxyv2:1.22.0", "envoyproxy/envoy:v1.31"])
+def test_mesh_proxy_under_another_name_is_known_by_its_image(image: str) -> None:
+    pod = operator_pod("demo", "worker", image="example.com/load:1")
+    pod["metadata"]["labels"].pop("performance-test-pod-name")
+    pod["spec"]["containers"][0]["args"] = ["run"]
+    pod["spec"]["containers"].insert(0, {"name": "mesh", "image": image})
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-worker"
+
+
+def test_locust_arguments_mark_the_locust_container() -> None:
+    pod = operator_pod("demo", "worker", image="example.com/load:1")
+    pod["metadata"]["labels"].pop("performance-test-pod-name")
+    pod["spec"]["containers"].insert(0, {"name": "helper", "image": "busybox:1.36"})
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-worker"
+
+
+def test_locust_exporter_image_is_not_a_locust_image() -> None:
+    pod = operator_pod("demo", "worker", image="example.com/load:1")
+    pod["metadata"]["labels"].pop("performance-test-pod-name")
+    metrics = {"name": "metrics", "image": "containersol/locust_exporter:v0.5.0"}
+    pod["spec"]["containers"].insert(0, metrics)
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-worker"
+
+
 # --- Section 4.1: OTel env ----------------------------------------------------------------
 
 
@@ -154,7 +181,8 @@ def test_endpoint_omitted_when_empty_and_protocol_defaults_to_grpc() -> None:
     m = run_mutation(operator_pod("demo", "worker"), locusttest("demo", otel={"enabled": True}))
     assert "OTEL_EXPORTER_OTLP_ENDPOINT" not in m.env_names()
     assert m.env_value("OTEL_EXPORTER_OTLP_PROTOCOL") == "grpc"
-    assert any("without an endpoint" in w for w in m.result.warnings)
+    [warning] = m.result.warnings  # not also "no scheme" about an endpoint that is not there
+    assert "without an endpoint" in warning
 
 
 def test_insecure_false_sets_no_variable() -> None:
@@ -244,6 +272,25 @@ def test_operator_configuration_missing_a_variable_is_completed_and_enriched() -
     assert m.container()["args"].count("--otel") == 1
 
 
+def test_operator_variables_without_the_otel_flag_are_not_operator_native() -> None:
+    pod = operator_native("worker", otel())
+    pod["spec"]["containers"][0]["args"].remove("--otel")
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.mode == "otel"
+    args = m.container()["args"]
+    assert args.index("--otel") == args.index("--worker") - 1
+
+
+def test_operator_configuration_missing_the_users_resource_attributes_is_completed() -> None:
+    spec = otel(extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": "team=perf"})
+    pod = operator_native("worker", spec)
+    env = pod["spec"]["containers"][0]["env"]
+    env[:] = [e for e in env if e["name"] != "OTEL_RESOURCE_ATTRIBUTES"]
+    m = run_mutation(pod, locusttest("demo", otel=spec))
+    assert m.result.mode == "otel"
+    assert m.env_value("OTEL_RESOURCE_ATTRIBUTES").startswith("team=perf,")
+
+
 def test_operator_configured_pod_with_an_exporter_sidecar_loses_the_sidecar() -> None:
     pod = operator_native("master", otel())
     pod["spec"]["containers"] += operator_pod("demo", "master", with_exporter=True)["spec"][
@@ -308,10 +355,13 @@ def test_shell_wrapped_locust_gets_the_env_switch_instead_of_the_flag() -> None:
         ["sh", "-e", "-c"],
         ["/usr/bin/env", "sh", "-c"],
         ["env", "-i", "LANG=C.UTF-8", "bash", "-o", "pipefail", "-c"],
+        ["bash", "+x", "-c"],
+        ["sh", "-c", "--"],
     ],
 )
 def test_locust_behind_any_shell_c_form_gets_the_env_switch(command: list[str]) -> None:
     pod = operator_pod("demo", "worker")
+    pod["metadata"]["labels"].pop("performance-test-pod-name")  # the role comes from the script
     container = pod["spec"]["containers"][0]
     container["command"] = command
     container["args"] = ["locust -f /lotest/src/locustfile.py --worker", "ignored-0"]
@@ -319,6 +369,16 @@ def test_locust_behind_any_shell_c_form_gets_the_env_switch(command: list[str]) 
     assert m.container()["args"] == container["args"]
     assert m.env_value("LOCUST_ENABLE_OPENTELEMETRY") == "true"
     assert m.result.role == "worker"
+
+
+def test_shell_script_that_shlex_cannot_split_still_gets_the_env_switch() -> None:
+    pod = operator_pod("demo", "worker")
+    container = pod["spec"]["containers"][0]
+    container["command"] = ["sh", "-c"]
+    container["args"] = ["# don't edit\nlocust -f /lotest/src/locustfile.py --worker"]
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.container()["args"] == container["args"]
+    assert m.env_value("LOCUST_ENABLE_OPENTELEMETRY") == "true"
 
 
 def test_shell_running_a_script_file_is_not_a_shell_c() -> None:
@@ -366,6 +426,26 @@ def test_otel_keeps_scrape_annotations_aimed_elsewhere() -> None:
         operator_pod("demo", "master", annotations=own), locusttest("demo", otel=otel())
     )
     assert m.pod["metadata"]["annotations"]["prometheus.io/port"] == "8089"
+
+
+def test_otel_removes_scrape_annotations_aimed_at_the_exporter_port_without_a_sidecar() -> None:
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": "9646"}
+    m = run_mutation(
+        operator_pod("demo", "master", annotations=scrape), locusttest("demo", otel=otel())
+    )
+    assert not any(k.startswith("prometheus.io/") for k in m.pod["metadata"]["annotations"])
+    assert status(m.pod)["removed"] == [
+        "annotation:prometheus.io/scrape",
+        "annotation:prometheus.io/port",
+    ]
+
+
+def test_otel_removes_scrape_annotations_aimed_at_an_exporter_on_another_port() -> None:
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": "9700"}
+    pod = operator_pod("demo", "master", with_exporter=True, annotations=scrape)
+    pod["spec"]["containers"][1]["ports"][0]["containerPort"] = 9700
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert not any(k.startswith("prometheus.io/") for k in m.pod["metadata"]["annotations"])
 
 
 # --- Sections 4.4, 4.5: resource attributes and service name ------------------------------
@@ -416,6 +496,43 @@ def test_pods_own_resource_attributes_are_left_alone() -> None:
     assert m.env_value("OTEL_SERVICE_NAME") == "own"
 
 
+def test_pods_own_resource_attributes_from_value_from_get_no_pod_name_variable() -> None:
+    # $(VAR) is expanded in `value` only: a valueFrom value cannot use the pod-name variable.
+    source = {"configMapKeyRef": {"name": "otel", "key": "attributes"}}
+    own = [{"name": "OTEL_RESOURCE_ATTRIBUTES", "valueFrom": source}]
+    m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
+    assert m.env()[0] == own[0]
+    assert "OTEL_RESOURCE_ATTRIBUTES_POD_NAME" not in m.env_names()
+
+
+def test_users_pod_name_attribute_needs_no_pod_name_variable() -> None:
+    attributes = {"OTEL_RESOURCE_ATTRIBUTES": "k8s.pod.name=custom"}
+    m = run_mutation(
+        operator_pod("demo", "worker"), locusttest("demo", otel=otel(extraEnvVars=attributes))
+    )
+    assert "OTEL_RESOURCE_ATTRIBUTES_POD_NAME" not in m.env_names()
+    assert m.env_value("OTEL_RESOURCE_ATTRIBUTES") == (
+        "k8s.pod.name=custom,k8s.namespace.name=default,locust.test.name=demo,locust.role=worker"
+    )
+
+
+def test_unknown_role_gets_no_role_attribute() -> None:
+    pod = operator_pod("demo", "worker")
+    pod["spec"]["containers"][0]["args"] = ["--locustfile", "/lotest/src/locustfile.py"]
+    pod["metadata"]["labels"]["performance-test-pod-name"] = "demo-runner"
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.role == "unknown"
+    assert "locust.role" not in m.env_value("OTEL_RESOURCE_ATTRIBUTES")
+
+
+def test_users_attributes_are_trimmed_before_the_k8s_ones_are_appended() -> None:
+    attributes = {"OTEL_RESOURCE_ATTRIBUTES": " ,env=dev, "}
+    m = run_mutation(
+        operator_pod("demo", "worker"), locusttest("demo", otel=otel(extraEnvVars=attributes))
+    )
+    assert m.env_value("OTEL_RESOURCE_ATTRIBUTES").startswith("env=dev,k8s.namespace.name=")
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
@@ -427,6 +544,8 @@ def test_pods_own_resource_attributes_are_left_alone() -> None:
         ),
         # The SDK percent-decodes attribute values, not OTEL_SERVICE_NAME.
         ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout%20api%2Cv2"}, "checkout api,v2"),
+        # ... and strips keys and values.
+        ({"OTEL_RESOURCE_ATTRIBUTES": "x=1, service.name = checkout "}, "checkout"),
     ],
 )
 def test_service_name(extra: dict[str, str], expected: str) -> None:
@@ -453,6 +572,26 @@ def test_service_name(extra: dict[str, str], expected: str) -> None:
         ("http/protobuf", "otel:4318", {}, False, "fails at once"),
         ("grpc", "http://otel:4318", {}, False, "4318"),
         ("http/protobuf", "http://otel:4317", {}, False, "4317"),
+        ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "FALSE"}, False, "TLS"),
+        ("grpc", "otel:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "True"}, False, None),
+        # The exporter's own reading: anything but "true" (any case, not stripped) is TLS.
+        ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "0"}, False, "TLS"),
+        ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_INSECURE": "no"}, False, "TLS"),
+        ("grpc", "otel:4317", {"OTEL_EXPORTER_OTLP_INSECURE": " true "}, False, "no scheme"),
+        (
+            "grpc",
+            "http://otel:4318",
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            False,
+            "http/json",
+        ),
+        (
+            "grpc",
+            "http://otel:4317",
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http"},
+            False,
+            "not supported",
+        ),
     ],
 )
 def test_endpoint_protocol_insecure_table(
@@ -473,6 +612,24 @@ def test_endpoint_protocol_insecure_table(
         assert warnings == []
     else:
         assert len(warnings) == 1 and warned in warnings[0], warnings
+
+
+@pytest.mark.parametrize(
+    ("variable", "endpoint"),
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "otel:4317"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http://otel:4318"),
+        ("OTEL_EXPORTER_OTLP_INSECURE", "otel:4317"),
+    ],
+)
+def test_otel_setting_the_pod_takes_from_value_from_is_not_judged(
+    variable: str, endpoint: str
+) -> None:
+    own = [{"name": variable, "valueFrom": {"configMapKeyRef": {"name": "otel", "key": "value"}}}]
+    test = locusttest("demo", otel={"enabled": True, "endpoint": endpoint})
+    m = run_mutation(operator_pod("demo", "worker", env=own), test)
+    assert m.result.warnings == []
 
 
 # --- Section 5: exporter sidecar ----------------------------------------------------------
@@ -533,6 +690,46 @@ def test_exporter_follows_web_port(args: list[str]) -> None:
     assert uri == "http://localhost:8090"
 
 
+def test_exporter_follows_locust_web_port_env() -> None:
+    pod = operator_pod("demo", "master", env=[{"name": "LOCUST_WEB_PORT", "value": "8090"}])
+    m = run_mutation(pod, locusttest("demo"))
+    uri = m.pod["spec"]["initContainers"][0]["env"][0]["value"]
+    assert uri == "http://localhost:8090"
+
+
+@pytest.mark.parametrize("args", [["--web-port", "0"], ["--web-port", "99999"], ["--web-port"]])
+def test_exporter_uses_the_default_web_port_when_the_given_one_is_unusable(
+    args: list[str],
+) -> None:
+    pod = operator_pod("demo", "master")
+    pod["spec"]["containers"][0]["args"] += args
+    m = run_mutation(pod, locusttest("demo"))
+    uri = m.pod["spec"]["initContainers"][0]["env"][0]["value"]
+    assert uri == "http://localhost:8089"
+
+
+@pytest.mark.parametrize(
+    ("configured", "expected"),
+    [
+        (
+            MutationSettings(exporter_memory_limit=""),
+            {"requests": {"cpu": "10m", "memory": "32Mi"}},
+        ),
+        (
+            MutationSettings(
+                exporter_cpu_request="", exporter_memory_request="", exporter_memory_limit=""
+            ),
+            {},
+        ),
+    ],
+)
+def test_blank_exporter_resources_are_left_out(
+    configured: MutationSettings, expected: dict[str, Any]
+) -> None:
+    m = run_mutation(operator_pod("demo", "master"), locusttest("demo"), settings=configured)
+    assert m.pod["spec"]["initContainers"][0]["resources"] == expected
+
+
 def test_exporter_is_not_added_twice_to_v1_operator_pods() -> None:
     pod = operator_pod("demo", "master", with_exporter=True)
     m = run_mutation(pod, locusttest("demo", version="v1"))
@@ -547,6 +744,12 @@ def test_pods_own_scrape_annotations_win_with_a_warning() -> None:
     assert annotations["prometheus.io/port"] == "8089"
     assert "prometheus.io/path" not in annotations
     assert any("8089" in w for w in m.result.warnings)
+
+
+def test_pods_own_scrape_port_of_the_exporter_gets_no_warning() -> None:
+    own = {"prometheus.io/port": "9646"}
+    m = run_mutation(operator_pod("demo", "master", annotations=own), locusttest("demo"))
+    assert m.result.warnings == []
 
 
 def test_worker_without_otel_is_untouched() -> None:
@@ -608,8 +811,26 @@ def test_status_annotation_records_what_was_done() -> None:
     assert "env:OTEL_TRACES_EXPORTER" in recorded["added"]
 
 
-def test_opt_out_annotation() -> None:
-    pod = operator_pod("demo", "master", annotations={"observability.locust.io/inject": "false"})
+def test_status_annotation_records_a_removal_when_nothing_was_added() -> None:
+    extra = {"OTEL_SERVICE_NAME": "checkout", "OTEL_RESOURCE_ATTRIBUTES": "team=perf"}
+    pod = operator_native("master", otel(extraEnvVars=extra))
+    pod["spec"]["containers"] += operator_pod("demo", "master", with_exporter=True)["spec"][
+        "containers"
+    ][1:]
+    m = run_mutation(pod, locusttest("demo", otel=otel(extraEnvVars=extra)))
+    assert status(m.pod) == {
+        "mode": "otel",
+        "container": "demo-master",
+        "role": "master",
+        "added": [],
+        "removed": ["containers:locust-metrics-exporter"],
+    }
+
+
+# The README shows "false"; any case and surrounding blanks are read the same way.
+@pytest.mark.parametrize("value", ["false", "False", " FALSE "])
+def test_opt_out_annotation(value: str) -> None:
+    pod = operator_pod("demo", "master", annotations={"observability.locust.io/inject": value})
     m = run_mutation(pod, locusttest("demo", otel=otel()))
     assert m.patch == []
     assert m.result.mode == "opted-out"
@@ -624,6 +845,39 @@ def test_job_name_mismatch_is_noted() -> None:
     assert "team-a-master" in m.result.notes[0]
 
 
+def test_unknown_role_is_not_checked_against_a_job_name() -> None:
+    pod = operator_pod("demo", "master")
+    pod["spec"]["containers"][0]["args"] = ["--locustfile", "/lotest/src/locustfile.py"]
+    pod["metadata"]["labels"]["performance-test-pod-name"] = "demo-runner"
+    m = run_mutation(pod, locusttest("demo"))
+    assert m.result.role == "unknown"
+    assert m.result.notes == []
+
+
+def test_long_job_name_is_shortened_in_the_note() -> None:
+    pod = operator_pod("demo", "master")
+    pod["metadata"]["ownerReferences"][0]["name"] = "x" * 300
+    [note] = run_mutation(pod, locusttest("demo")).result.notes
+    assert "x" * 80 + "..." in note
+    assert "x" * 81 not in note
+
+
+def test_owner_that_is_not_a_job_is_not_taken_for_the_job() -> None:
+    pod = operator_pod("demo", "master")
+    workflow = {"apiVersion": "argoproj.io/v1alpha1", "kind": "Workflow", "name": "nightly"}
+    pod["metadata"]["ownerReferences"].insert(0, {**workflow, "uid": "1"})
+    assert run_mutation(pod, locusttest("demo")).result.notes == []
+
+
+def test_job_name_label_is_read_without_owner_references() -> None:
+    pod = operator_pod("demo", "master")
+    del pod["metadata"]["ownerReferences"]
+    del pod["metadata"]["labels"]["job-name"]
+    pod["metadata"]["labels"]["batch.kubernetes.io/job-name"] = "something-else"
+    [note] = run_mutation(pod, locusttest("demo")).result.notes
+    assert "'something-else'" in note
+
+
 def test_service_version_in_resource_attributes_is_warned_about() -> None:
     attributes = {"OTEL_RESOURCE_ATTRIBUTES": "service.name=svc,service.version=1.0.0"}
     m = run_mutation(
@@ -631,3 +885,33 @@ def test_service_version_in_resource_attributes_is_warned_about() -> None:
     )
     assert len(m.result.warnings) == 1
     assert "service.version" in m.result.warnings[0]
+
+
+# --- Section 7: malformed pods are skipped, not internal errors -----------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        ("spec.containers", None),
+        ("spec.containers", []),
+        ("spec.containers.0.command", ["locust", 5]),
+        ("spec.containers.0.args", "--worker"),
+        ("metadata.annotations", {"team": 5}),
+        ("spec.containers.0.env", [{"value": "x"}]),
+    ],
+)
+def test_malformed_pod_is_refused_as_malformed(path: str, value: Any) -> None:
+    pod = operator_pod("demo", "worker")
+    *parents, last = path.split(".")
+    node: Any = pod
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    if value is None:
+        del node[last]
+    else:
+        node[last] = value
+    with pytest.raises(MalformedPod):
+        mutate(
+            pod, parse_locusttest(locusttest("demo", otel=otel())), "default", MutationSettings()
+        )

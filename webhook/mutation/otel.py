@@ -219,18 +219,23 @@ def _warnings(
             f"{where}: endpoint port 4317 is OTLP/gRPC but protocol is http/protobuf: "
             "use port 4318 or protocol grpc"
         )
-    insecure_flag = (insecure or "").strip().lower()
-    if protocol == "grpc" and scheme == "http" and insecure_flag == "false":
-        warnings.append(
-            f"{where}: OTEL_EXPORTER_OTLP_INSECURE=false makes the gRPC exporter use TLS "
-            f"towards {endpoint}: it fails against a plaintext collector; remove it"
-        )
-    if protocol == "grpc" and not has_scheme and insecure_flag != "true":
-        warnings.append(
-            f"{where}: endpoint {endpoint!r} has no scheme and insecure is not true: the gRPC "
-            "exporter will use TLS and fail against a plaintext collector; use "
-            f"http://{endpoint} or set insecure: true"
-        )
+    # The gRPC exporter reads OTEL_EXPORTER_OTLP_INSECURE as true only when it is "true" in any
+    # case, not stripped: any other value means TLS; unset ("" here), TLS unless the scheme is
+    # http. None: the pod sets it from a source we cannot read, maybe to true.
+    if protocol == "grpc" and insecure is not None:
+        insecure_true = insecure.lower() == "true"
+        if scheme == "http" and insecure and not insecure_true:
+            warnings.append(
+                f"{where}: OTEL_EXPORTER_OTLP_INSECURE={insecure!r} makes the gRPC exporter use "
+                f"TLS towards {endpoint} (any value but true does): it fails against a plaintext "
+                "collector; remove it"
+            )
+        if not has_scheme and not insecure_true:
+            warnings.append(
+                f"{where}: endpoint {endpoint!r} has no scheme and insecure is not true: the "
+                "gRPC exporter will use TLS and fail against a plaintext collector; use "
+                f"http://{endpoint} or set insecure: true"
+            )
     if protocol == "http/protobuf" and not has_scheme:
         warnings.append(
             f"{where}: endpoint {endpoint!r} has no scheme: the OTLP/HTTP exporter fails at "
