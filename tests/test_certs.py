@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
+import os
 import socket
 import ssl
 import threading
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from kube_core_api import FakeCluster, Request, serve
@@ -29,6 +31,7 @@ from webhook.certs import (
     reconcile,
     secret_data,
     subject_alternative_names,
+    write_dir,
 )
 from webhook.config import SettingError
 
@@ -88,6 +91,18 @@ def handshake(ca_file: Path, cert_file: Path, key_file: Path, hostname: str) -> 
     assert not errors
 
 
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
 def issued_at(when: datetime, validity: Validity) -> Material:
     """Material as `certs` would have written it at `when`."""
     return reconcile(None, NAMES, validity, when).material
@@ -104,7 +119,10 @@ def test_serving_certificate_is_signed_by_the_ca_for_the_service_names(tmp_path:
     assert len(bundle) == 1
     ca = bundle[0]
     cert.verify_directly_issued_by(ca)
-    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    constraints = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert constraints.ca and constraints.path_length == 0, "the CA signs leaf certificates only"
+    usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usages) == [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]
     assert subject_alternative_names(cert) == SERVICE_NAMES
     for public in (cert.public_key(), ca.public_key()):
         assert isinstance(public, ec.EllipticCurvePublicKey)
@@ -150,11 +168,13 @@ def test_second_run_keeps_valid_files(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_other_names_renew_the_serving_certificate_under_the_same_ca(tmp_path: Path) -> None:
     assert certs("--out-dir", str(tmp_path)) == 0
     ca_before = (tmp_path / "ca.crt").read_bytes()
+    ca_files = {name: (tmp_path / name).stat().st_ino for name in ("ca.crt", "ca.key")}
 
     assert certs("--out-dir", str(tmp_path), "--service", "other", "--namespace", "perf") == 0
 
     bundle, cert, _ = load_dir(tmp_path)
     assert (tmp_path / "ca.crt").read_bytes() == ca_before
+    assert {name: (tmp_path / name).stat().st_ino for name in ca_files} == ca_files, "not rewritten"
     assert "other.perf.svc" in subject_alternative_names(cert)
     cert.verify_directly_issued_by(bundle[0])
     assert not list(tmp_path.glob(".*")), "no temporary file is left behind"
@@ -189,7 +209,93 @@ def test_a_mismatched_key_is_replaced(tmp_path: Path) -> None:
     assert key.public_key() == cert.public_key()
 
 
+def test_a_serving_certificate_from_another_ca_is_reissued_under_the_current_one(
+    tmp_path: Path,
+) -> None:
+    assert certs("--out-dir", str(tmp_path)) == 0
+    other = tmp_path / "other"
+    assert certs("--out-dir", str(other)) == 0
+    for name in ("ca.crt", "ca.key"):
+        (tmp_path / name).write_bytes((other / name).read_bytes())
+
+    assert certs("--out-dir", str(tmp_path)) == 0
+
+    assert (tmp_path / "ca.crt").read_bytes() == (other / "ca.crt").read_bytes()
+    handshake(
+        tmp_path / "ca.crt",
+        tmp_path / "tls.crt",
+        tmp_path / "tls.key",
+        "locust-webhook.locust-webhook.svc",
+    )
+
+
+def test_a_ca_key_that_is_not_the_cas_gets_a_new_ca(tmp_path: Path) -> None:
+    assert certs("--out-dir", str(tmp_path)) == 0
+    other = tmp_path / "other"
+    assert certs("--out-dir", str(other)) == 0
+    (tmp_path / "ca.key").write_bytes((other / "ca.key").read_bytes())
+
+    assert certs("--out-dir", str(tmp_path)) == 0
+
+    bundle, cert, _ = load_dir(tmp_path)
+    ca_key = load_pem_private_key((tmp_path / "ca.key").read_bytes(), password=None)
+    assert ca_key.public_key() == bundle[0].public_key(), "the next renewal can sign"
+    cert.verify_directly_issued_by(bundle[0])
+
+
+def test_a_serving_key_on_another_curve_is_replaced_by_a_p256_one() -> None:
+    validity = Validity(days=90, ca_days=3650, renew_before_days=30)
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    first = issued_at(start, validity)
+    ca = x509.load_pem_x509_certificate(first.ca_bundle)
+    ca_key = load_pem_private_key(first.ca_key, password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    served = x509.load_pem_x509_certificate(first.tls_crt)
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    # The same certificate, names and CA, for a P-384 key (as another tool might have made it).
+    cert = (
+        x509.CertificateBuilder(extensions=list(served.extensions))
+        .subject_name(served.subject)
+        .issuer_name(ca.subject)
+        .public_key(p384.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(served.not_valid_before_utc)
+        .not_valid_after(served.not_valid_after_utc)
+        .sign(ca_key, hashes.SHA256())
+    )
+    other = Material(first.ca_bundle, first.ca_key, _pem(cert), _pem_key(p384))
+
+    plan = reconcile(other, NAMES, validity, start + timedelta(days=1))
+
+    assert plan.changes and "P-256" in plan.changes[0]
+    key = load_pem_private_key(plan.material.tls_key, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+
+
+def test_a_leaf_certificate_in_place_of_the_ca_gets_a_new_ca() -> None:
+    validity = Validity(days=90, ca_days=3650, renew_before_days=30)
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    first = issued_at(start, validity)
+    leaf_as_ca = Material(first.tls_crt, first.tls_key, first.tls_crt, first.tls_key)
+
+    plan = reconcile(leaf_as_ca, NAMES, validity, start + timedelta(days=1))
+
+    assert plan.changes and "not a CA" in plan.changes[0]
+    ca = x509.load_pem_x509_certificates(plan.material.ca_bundle)[0]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    x509.load_pem_x509_certificate(plan.material.tls_crt).verify_directly_issued_by(ca)
+
+
 # --- renewal and rotation -------------------------------------------------------------------
+
+
+def test_certificates_are_valid_for_a_client_whose_clock_is_behind() -> None:
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    material = issued_at(now, Validity())
+    for pem in (material.ca_bundle, material.tls_crt):
+        assert x509.load_pem_x509_certificate(pem).not_valid_before_utc <= now - timedelta(
+            minutes=30
+        )
 
 
 def test_serving_certificate_is_renewed_before_expiry_under_the_same_ca() -> None:
@@ -230,6 +336,55 @@ def test_ca_rotation_trusts_both_cas_until_the_old_one_expires() -> None:
     assert reconcile(pruned.material, NAMES, validity, after_expiry).changes == ()
 
 
+def test_a_new_ca_is_in_place_before_the_certificate_it_signed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client reading ca.crt must trust the new CA before the server can present its
+    certificate."""
+    # Issued 300 days ago with a 366-day CA: a new 365-day certificate would outlive it.
+    old = issued_at(datetime.now(UTC) - timedelta(days=300), Validity(days=365, ca_days=366))
+    write_dir(str(tmp_path), old)
+    renamed: list[str] = []
+    rename = os.replace
+
+    def recording(source: str, target: str) -> None:
+        renamed.append(os.path.basename(target))
+        rename(source, target)
+
+    monkeypatch.setattr(os, "replace", recording)
+
+    assert certs("--out-dir", str(tmp_path)) == 0
+
+    assert sorted(renamed[:2]) == ["ca.crt", "ca.key"]
+    assert sorted(renamed[2:]) == ["tls.crt", "tls.key"]
+
+
+def test_a_renewal_drops_the_expired_ca_from_the_bundle() -> None:
+    validity = Validity(days=100, ca_days=365, renew_before_days=2)
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    rotated = reconcile(issued_at(start, validity), NAMES, validity, start + timedelta(days=270))
+    new_ca = x509.load_pem_x509_certificates(rotated.material.ca_bundle)[0]
+
+    # Day 369: the old CA expired on day 365, the serving certificate expires on day 370.
+    renewed = reconcile(rotated.material, NAMES, validity, start + timedelta(days=369))
+
+    assert renewed.changes and "renewed the serving certificate" in renewed.changes[0]
+    assert x509.load_pem_x509_certificates(renewed.material.ca_bundle) == [new_ca]
+
+
+def test_a_new_ca_does_not_carry_an_expired_one() -> None:
+    validity = Validity(days=100, ca_days=365, renew_before_days=2)
+    start = datetime(2030, 1, 1, tzinfo=UTC)
+    first = issued_at(start, validity)
+
+    # Nobody ran the command for more than a year: the CA has expired.
+    plan = reconcile(first, NAMES, validity, start + timedelta(days=400))
+
+    assert plan.changes and "new CA" in plan.changes[0]
+    (ca,) = x509.load_pem_x509_certificates(plan.material.ca_bundle)
+    assert ca != x509.load_pem_x509_certificate(first.ca_bundle)
+
+
 # --- settings -------------------------------------------------------------------------------
 
 
@@ -246,6 +401,11 @@ def test_settings_come_from_flags_else_environment() -> None:
     assert settings.validity.days == 40
 
 
+def test_a_ca_lasting_exactly_twice_the_certificate_is_accepted() -> None:
+    settings = certs_settings(parse("--out-dir", "x", "--days", "365", "--ca-days", "730"), {})
+    assert settings.validity == Validity(days=365, ca_days=730, renew_before_days=30)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -256,9 +416,12 @@ def test_settings_come_from_flags_else_environment() -> None:
         (("--out-dir", "x", "--days", "400", "--ca-days", "365"), "at least twice --days"),
         (("--out-dir", "x", "--days", "365", "--ca-days", "366"), "at least twice --days"),
         (("--out-dir", "x", "--days", "soon"), "LOCUST_WEBHOOK_DAYS"),
+        (("--out-dir", "x", "--renew-before-days", "0"), "between 1 and 36500"),
+        (("--out-dir", "x", "--ca-days", "36501"), "between 1 and 36500"),
         (("--out-dir", "x", "--service", "Not_A_Name"), "DNS label"),
         (("--out-dir", "x", "--service", "webhook\n"), "DNS label"),
         (("--secret", "tls\n", "--webhook-config", "w"), "object name"),
+        (("--secret", "tls", "--webhook-config", "Webhook"), "LOCUST_WEBHOOK_WEBHOOK_CONFIG"),
     ],
 )
 def test_bad_settings_are_refused_with_the_flag_named(argv: tuple[str, ...], message: str) -> None:
@@ -345,6 +508,11 @@ def test_ca_rotation_publishes_both_cas_before_the_new_certificate(cluster: Any)
             "data": secret_data(old),
         },
     )
+    config = fake.get(*CONFIG)
+    assert config is not None
+    for webhook in config["webhooks"]:  # as the run that issued `old` left it
+        webhook["clientConfig"]["caBundle"] = base64.b64encode(old.ca_bundle).decode()
+    fake.put("mutatingwebhookconfigurations", "", config)
 
     assert in_cluster(kubeconfig) == 0
 
@@ -423,10 +591,62 @@ def test_a_concurrent_writer_makes_the_run_start_over(cluster: Any) -> None:
     assert material is not None and material.tls_crt != old.tls_crt
 
 
+def test_a_webhook_list_edited_meanwhile_is_not_patched_by_position(cluster: Any) -> None:
+    fake, kubeconfig = cluster
+    assert in_cluster(kubeconfig) == 0
+    config = fake.get(*CONFIG)
+    assert config is not None
+    config["webhooks"][1]["clientConfig"]["caBundle"] = base64.b64encode(b"stale").decode()
+    fake.put("mutatingwebhookconfigurations", "", config)
+    added = {**copy.deepcopy(config["webhooks"][0]), "name": "added.locust-webhook.locust.io"}
+
+    def another_writer_first(request: Request) -> None:
+        if request.method == "PATCH" and fake.before_write is not None:
+            fake.before_write = None
+            stored = fake.objects[CONFIG]
+            fake.store(CONFIG[0], "", {**stored, "webhooks": [added, *stored["webhooks"]]})
+
+    fake.before_write = another_writer_first
+
+    # The patch's test of webhooks/1's name fails (the API server refuses it): the run fails
+    # instead of setting caBundle on the webhook that moved there and leaving `second` stale.
+    assert in_cluster(kubeconfig) == 1
+
+    stored = fake.get(*CONFIG)
+    assert stored is not None
+    assert [w["name"] for w in stored["webhooks"]][1:] == [w["name"] for w in config["webhooks"]]
+    assert base64.b64decode(stored["webhooks"][2]["clientConfig"]["caBundle"]) == b"stale"
+
+
+def test_the_run_starts_over_after_each_of_two_conflicts(cluster: Any) -> None:
+    fake, kubeconfig = cluster
+    old = issued_at(datetime.now(UTC) - timedelta(days=400), Validity(days=365, ca_days=3650))
+    fake.put(
+        "secrets", "locust-webhook", {"metadata": {"name": SECRET[2]}, "data": secret_data(old)}
+    )
+    conflicts = [2]
+
+    def another_writer_first(request: Request) -> None:
+        if request.method == "PUT" and conflicts[0]:
+            conflicts[0] -= 1
+            stored = fake.objects[SECRET]
+            fake.store("secrets", "locust-webhook", {**stored, "data": secret_data(old)})
+
+    fake.before_write = another_writer_first
+
+    assert in_cluster(kubeconfig) == 0
+
+    assert [r.method for r in fake.writes if "secrets" in r.path] == ["PUT", "PUT", "PUT"]
+    material = material_from_secret(fake.get(*SECRET) or {})
+    assert material is not None and material.tls_crt != old.tls_crt
+
+
 def test_a_missing_webhook_configuration_fails_without_writing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with serve(tmp_path) as (fake, kubeconfig):
         assert in_cluster(kubeconfig) == 1
         assert fake.writes == []
+        # Only a conflict is worth starting over for.
+        assert len([r for r in fake.requests if "mutatingwebhookconfigurations" in r.path]) == 1
     assert "404" in capsys.readouterr().err
