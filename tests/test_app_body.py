@@ -82,3 +82,39 @@ def test_a_content_type_with_parameters_is_json(app: Flask) -> None:
     status, answer = call(app, BODY, CONTENT_LENGTH=str(len(BODY)), CONTENT_TYPE="text/plain")
     assert status == 415
     assert answer["error"] == "Content-Type must be application/json"
+
+
+def test_a_body_of_exactly_the_limit_is_read(app: Flask) -> None:
+    padded = BODY + b" " * (LIMIT - len(BODY))
+    status, answer = call(app, padded, CONTENT_LENGTH=str(LIMIT))
+    assert status == 200, answer
+    status, answer = call(app, padded + b" ", CONTENT_LENGTH=str(LIMIT + 1))
+    assert status == 413
+    assert answer["error"] == f"body of {LIMIT + 1} bytes is over the limit of {LIMIT} bytes"
+
+
+class Stalled(io.RawIOBase):
+    """A body stream whose read fails the way the server's does."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def read(self, size: int = -1) -> bytes:
+        raise self.error
+
+
+def test_a_body_that_stops_arriving_gets_408(app: Flask) -> None:
+    stream = Stalled(TimeoutError("request not received within 5 s"))
+    status, answer = call(app, b"", CONTENT_LENGTH=str(len(BODY)), **{"wsgi.input": stream})
+    assert status == 408
+    assert answer["error"] == "the request body did not arrive in time"
+
+
+def test_a_body_the_server_cannot_unframe_gets_400(app: Flask) -> None:
+    class InvalidChunkSize(Exception):  # gunicorn's own, not a ValueError
+        pass
+
+    stream = Stalled(InvalidChunkSize("zz"))
+    status, answer = call(app, b"", **{"wsgi.input": stream, "wsgi.input_terminated": True})
+    assert status == 400
+    assert answer["error"] == "the request body could not be read"

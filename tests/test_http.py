@@ -23,6 +23,7 @@ from fixtures import locusttest, operator_pod, review
 from server_process import Server, serve
 
 from webhook.logs import FLUSH_SECONDS
+from webhook.tls import REQUEST_READ_BUDGET
 
 ENDPOINT = "http://otel-collector.monitoring:4317"
 TESTS = [
@@ -212,6 +213,30 @@ def test_wrong_method_gets_405(conn: http.client.HTTPSConnection) -> None:
     assert answer.getheader("Allow") is not None and "POST" in answer.getheader("Allow", "")
 
 
+def test_unknown_path_gets_404_naming_the_admission_route(
+    conn: http.client.HTTPSConnection,
+) -> None:
+    conn.request("POST", "/validate", body=b"{}", headers={"Content-Type": "application/json"})
+    answer = conn.getresponse()
+    assert answer.status == 404
+    assert answer.getheader("Content-Type") == "application/json"
+    assert json.loads(answer.read()) == {
+        "error": "no route /validate; admission reviews go to POST /mutate"
+    }
+
+
+def test_refused_requests_are_counted_by_status(conn: http.client.HTTPSConnection) -> None:
+    def counted() -> float:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+        prefix = 'locust_webhook_bad_requests_total{status="415"} '
+        return sum(float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix))
+
+    before = counted()
+    post(conn, b"{}", "text/plain")
+    assert counted() == before + 1
+
+
 def read_response(tls: ssl.SSLSocket) -> bytes:
     """One HTTP/1.1 response with a Content-Length, read off a raw TLS socket."""
     data = b""
@@ -291,6 +316,19 @@ def test_connection_is_kept_alive_across_admissions(conn: http.client.HTTPSConne
     assert conn.sock is first_socket
 
 
+def test_an_idle_connection_is_kept_past_the_first_requests_read_budget(
+    conn: http.client.HTTPSConnection,
+) -> None:
+    """The API server reuses connections idle for up to ~90 s: neither gunicorn's default
+    keep-alive (2 s) nor the first request's read budget may end them."""
+    pod = operator_pod("otel-test", "worker")
+    admit(conn, review(pod))
+    first_socket = conn.sock
+    time.sleep(REQUEST_READ_BUDGET + 1)  # the idle time is the behaviour under test
+    admit(conn, review(pod))
+    assert conn.sock is first_socket
+
+
 @pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
 def test_tls_below_1_2_is_refused_by_the_server(server: Server, version: str) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -313,6 +351,28 @@ def test_tls_1_2_is_accepted(server: Server) -> None:
     raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     with context.wrap_socket(raw, server_hostname="localhost") as tls:
         assert tls.version() == "TLSv1.2"
+
+
+def test_an_ipv6_address_is_served(tmp_path: Path) -> None:
+    tests = write_locusttests(tmp_path / "locusttests", TESTS)
+    args = ("--locusttests", str(tests), "--workers", "1", "--host", "::1")
+    with serve(tmp_path, *args, ready=False) as server:
+
+        def ready() -> bool:
+            assert server.process.poll() is None, server.log()
+            conn = http.client.HTTPSConnection(
+                "::1", server.port, context=server.ssl_context(), timeout=2
+            )
+            try:
+                conn.request("GET", "/readyz")
+                return conn.getresponse().status == 200
+            except OSError:
+                return False
+            finally:
+                conn.close()
+
+        wait_until(ready, timeout=30, what="/readyz on [::1]")
+        assert f"serving HTTPS on ::1 port {server.port}" in server.log()
 
 
 def test_health_readiness_and_metrics(conn: http.client.HTTPSConnection) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,7 +14,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from webhook.logs import FLUSH_SECONDS, LineBuffer
+from webhook import logs
+from webhook.logs import FLUSH_SECONDS, JsonFormatter, LineBuffer
 
 
 @pytest.fixture
@@ -140,3 +143,78 @@ def test_stop_writes_what_is_waiting(pipe: tuple[int, int]) -> None:
     buffer.write(line(0, 2))
     buffer.stop()
     assert drain(read_end) == line(0, 1) + line(0, 2)
+
+
+def test_the_flusher_outlives_a_write_error(pipe: tuple[int, int]) -> None:
+    """stderr gone for a while (EPIPE) must not stop the lines that follow once it is back."""
+    read_end, write_end = pipe
+    broken_read, broken_write = os.pipe()
+    os.close(broken_read)
+    target = os.dup(broken_write)  # the buffer's fd: first a pipe nobody reads, then ours
+    os.close(broken_write)
+    buffer = LineBuffer(target)
+    buffer.start()
+    try:
+        buffer.write(line(0, 1))
+        time.sleep(3 * FLUSH_SECONDS)  # lets the flusher meet the error
+        os.dup2(write_end, target)
+        buffer.write(line(0, 2))
+        deadline = time.monotonic() + 20 * FLUSH_SECONDS
+        seen = b""
+        while line(0, 2) not in seen and time.monotonic() < deadline:
+            time.sleep(FLUSH_SECONDS / 4)
+            seen += drain(read_end)
+        assert seen.endswith(line(0, 2))
+    finally:
+        buffer.stop()
+        os.close(target)
+
+
+def test_admission_lines_follow_the_log_level(
+    pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read_end, write_end = pipe
+    buffer = LineBuffer(write_end)
+    monkeypatch.setattr(logs, "LINES", buffer)
+    level = logs.ADMISSION.level
+    try:
+        logs.ADMISSION.setLevel(logging.WARNING)
+        logs.admission({"uid": "quiet"})
+        logs.ADMISSION.setLevel(logging.INFO)
+        logs.admission({"uid": "heard"})
+    finally:
+        logs.ADMISSION.setLevel(level)
+    buffer.flush()
+    (only,) = [orjson.loads(raw) for raw in drain(read_end).splitlines()]
+    assert (only["uid"], only["message"], only["level"]) == ("heard", "admission", "info")
+
+
+def record(created: float, **extra: object) -> logging.LogRecord:
+    item = logging.makeLogRecord(
+        {"name": "webhook.tls", "levelno": logging.INFO, "levelname": "INFO", "msg": "m", **extra}
+    )
+    item.created = created
+    return item
+
+
+def test_json_lines_carry_the_time_to_the_millisecond_and_the_extra_fields() -> None:
+    formatter = JsonFormatter()
+    first = orjson.loads(formatter.format(record(1_700_000_000.25, peer="10.0.0.1")))
+    later = orjson.loads(formatter.format(record(1_700_000_061.5)))
+    assert first == {
+        "time": "2023-11-14T22:13:20.250Z",
+        "level": "info",
+        "logger": "webhook.tls",
+        "message": "m",
+        "peer": "10.0.0.1",
+    }
+    assert later["time"] == "2023-11-14T22:14:21.500Z"
+
+
+def test_json_lines_carry_the_traceback() -> None:
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        item = record(1_700_000_000.0, exc_info=sys.exc_info())
+    text = orjson.loads(JsonFormatter().format(item))["exception"]
+    assert text.startswith("Traceback") and "RuntimeError: boom" in text

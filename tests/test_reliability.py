@@ -27,7 +27,7 @@ from reliability_summary import Recorder, reliability
 from server_process import Server, free_port, make_certs, post_review, serve
 from test_tls_reload import SecretVolume, certs, fingerprint
 
-from webhook.tls import LINGER_IDLE, REQUEST_READ_BUDGET
+from webhook.tls import REQUEST_READ_BUDGET
 
 __all__ = ["reliability"]  # the fixture, imported for the tests of this module
 
@@ -757,8 +757,9 @@ def test_clients_that_never_close_hold_up_no_one(healthy: Server, reliability: R
             assert sock.recv(12) == b"HTTP/1.1 200"  # answered; and never closed from here
         took, response = timed_admit(healthy, pod)
         assert is_patched(response)
-        # Before LINGER_IDLE, each of them held its worker's every connection for 2 s.
-        assert took < 2 * WORKER_THREADS * LINGER_IDLE + MARGIN, took
+        # Before LINGER_IDLE, each of them held its worker's every connection for 2 s
+        # (gunicorn's own drain): a fixed bound well under that, not one that grows with it.
+        assert took < 1.5, took
         print(f"\nan admission behind {len(holding)} clients that never close took {took:.2f} s")
         reliability.add(len(holding) + 1, 0)
     finally:

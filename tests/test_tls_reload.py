@@ -149,6 +149,15 @@ def expiry_metric(server: Server, context: ssl.SSLContext) -> float:
     return float(line.split()[1])
 
 
+def reloads(server: Server, context: ssl.SSLContext, result: str) -> float:
+    conn = http.client.HTTPSConnection("localhost", server.port, context=context, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    prefix = f'locust_webhook_certificate_reloads_total{{result="{result}"}} '
+    return sum(float(x[len(prefix) :]) for x in text.splitlines() if x.startswith(prefix))
+
+
 def not_after(directory: Path) -> float:
     cert = x509.load_pem_x509_certificate((directory / "tls.crt").read_bytes())
     return cert.not_valid_after_utc.timestamp()
@@ -178,6 +187,7 @@ def test_secret_update_is_served_without_a_failed_request(
     while expiry_metric(server, client_context) != not_after(pairs[2]):
         assert time.monotonic() < deadline, "certificate expiry metric not updated"
         time.sleep(0.2)
+    assert reloads(server, client_context, "loaded") >= 1
 
 
 def test_mismatched_pair_is_refused_and_the_old_one_kept(
@@ -203,6 +213,31 @@ def test_mismatched_pair_is_refused_and_the_old_one_kept(
     client.stop.set()
     assert client.failed == []
     assert "is not the key of" in server.log()
+
+
+def test_a_refused_pair_is_reported_once_per_worker(
+    running: tuple[Server, SecretVolume, Client],
+    pairs: tuple[Path, Path, Path],
+    tmp_path: Path,
+    client_context: ssl.SSLContext,
+) -> None:
+    """Not once a second until the files change again: one warning per bad update."""
+    server, volume, client = running
+    client.wait_for(fingerprint(pairs[0]))
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    for name, source in (("ca.crt", pairs[1]), ("tls.crt", pairs[1]), ("tls.key", pairs[0])):
+        (mismatched / name).write_bytes((source / name).read_bytes())
+    volume.publish(mismatched)  # atomically: each worker sees one new version of the files
+    deadline = time.monotonic() + 10
+    while "keeping the current certificate" not in server.log():
+        assert time.monotonic() < deadline, "the mismatched pair was not reported"
+        time.sleep(0.1)
+    time.sleep(3)  # three check intervals, each worker serving handshakes all along
+    client.stop.set()
+    assert client.failed == []
+    assert server.log().count("keeping the current certificate") <= 2  # 2 workers
+    assert 1 <= reloads(server, client_context, "rejected") <= 2
 
 
 def test_half_written_certificate_is_refused(
