@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from webhook.config import MutationSettings
+from webhook.config import MUTATION_OPTIONS, SERVE_OPTIONS, MutationSettings, add_options
 from webhook.models import LocustTestInfo, parse_locusttest
 from webhook.mutation import MutationResult, mutate
 from webhook.patch import diff
@@ -119,3 +120,19 @@ class Source:
 @pytest.fixture
 def settings() -> MutationSettings:
     return MutationSettings()
+
+
+def parse_serve(argv: list[str]) -> argparse.Namespace:
+    """`serve`'s command line, as its parser reads it."""
+    parser = argparse.ArgumentParser()
+    add_options(parser, SERVE_OPTIONS)
+    add_options(parser, MUTATION_OPTIONS)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def cert_args(tmp_path: Path) -> list[str]:
+    """`--cert-file` and `--key-file` of files that exist (their content is not read here)."""
+    (tmp_path / "tls.crt").write_text("c")
+    (tmp_path / "tls.key").write_text("k")
+    return ["--cert-file", str(tmp_path / "tls.crt"), "--key-file", str(tmp_path / "tls.key")]

@@ -197,11 +197,19 @@ def test_a_lost_serving_file_is_reissued_under_the_same_ca(
     assert "tls.crt or tls.key is missing or unreadable" in capsys.readouterr().out
 
 
-def test_a_mismatched_key_is_replaced(tmp_path: Path) -> None:
-    assert certs("--out-dir", str(tmp_path)) == 0
-    other = tmp_path / "other"
+def with_files_of_another_ca(out_dir: Path, *names: str) -> Path:
+    """Certificates issued in out_dir, then `names` replaced by those of a second, unrelated run
+    (another CA), whose directory is returned."""
+    assert certs("--out-dir", str(out_dir)) == 0
+    other = out_dir / "other"
     assert certs("--out-dir", str(other)) == 0
-    (tmp_path / "tls.key").write_bytes((other / "tls.key").read_bytes())
+    for name in names:
+        (out_dir / name).write_bytes((other / name).read_bytes())
+    return other
+
+
+def test_a_mismatched_key_is_replaced(tmp_path: Path) -> None:
+    with_files_of_another_ca(tmp_path, "tls.key")
 
     assert certs("--out-dir", str(tmp_path)) == 0
 
@@ -212,11 +220,7 @@ def test_a_mismatched_key_is_replaced(tmp_path: Path) -> None:
 def test_a_serving_certificate_from_another_ca_is_reissued_under_the_current_one(
     tmp_path: Path,
 ) -> None:
-    assert certs("--out-dir", str(tmp_path)) == 0
-    other = tmp_path / "other"
-    assert certs("--out-dir", str(other)) == 0
-    for name in ("ca.crt", "ca.key"):
-        (tmp_path / name).write_bytes((other / name).read_bytes())
+    other = with_files_of_another_ca(tmp_path, "ca.crt", "ca.key")
 
     assert certs("--out-dir", str(tmp_path)) == 0
 
@@ -230,10 +234,7 @@ def test_a_serving_certificate_from_another_ca_is_reissued_under_the_current_one
 
 
 def test_a_ca_key_that_is_not_the_cas_gets_a_new_ca(tmp_path: Path) -> None:
-    assert certs("--out-dir", str(tmp_path)) == 0
-    other = tmp_path / "other"
-    assert certs("--out-dir", str(other)) == 0
-    (tmp_path / "ca.key").write_bytes((other / "ca.key").read_bytes())
+    with_files_of_another_ca(tmp_path, "ca.key")
 
     assert certs("--out-dir", str(tmp_path)) == 0
 

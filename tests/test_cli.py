@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 from dataclasses import fields
@@ -12,7 +11,7 @@ from typing import Any
 import jsonpatch
 import pytest
 import yaml
-from conftest import cli
+from conftest import cli, parse_serve
 from fixtures import locusttest, operator_pod
 from server_process import make_certs
 
@@ -23,23 +22,8 @@ from webhook.config import (
     MutationSettings,
     ServeSettings,
     SettingError,
-    add_options,
     serve_settings,
 )
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_options(parser, SERVE_OPTIONS)
-    add_options(parser, MUTATION_OPTIONS)
-    return parser.parse_args(argv)
-
-
-@pytest.fixture
-def cert_args(tmp_path: Path) -> list[str]:
-    (tmp_path / "tls.crt").write_text("c")
-    (tmp_path / "tls.key").write_text("k")
-    return ["--cert-file", str(tmp_path / "tls.crt"), "--key-file", str(tmp_path / "tls.key")]
 
 
 def test_documented_defaults_are_the_settings_defaults() -> None:
@@ -54,7 +38,7 @@ def test_documented_defaults_are_the_settings_defaults() -> None:
 
 def test_flag_beats_environment_beats_default(cert_args: list[str]) -> None:
     env = {"LOCUST_WEBHOOK_PORT": "9443", "LOCUST_WEBHOOK_SIDECAR_MODE": "container"}
-    settings = serve_settings(parse([*cert_args, "--port", "10443"]), env)
+    settings = serve_settings(parse_serve([*cert_args, "--port", "10443"]), env)
     assert settings.port == 10443
     assert settings.mutation.sidecar_mode == "container"
     assert settings.workers == 2
@@ -82,7 +66,7 @@ def test_bad_settings_name_the_setting(
     cert_args: list[str], argv: list[str], env: dict[str, str], named: str
 ) -> None:
     with pytest.raises(SettingError, match=named.replace("(", r"\(").replace(")", r"\)")):
-        serve_settings(parse([*cert_args, *argv]), env)
+        serve_settings(parse_serve([*cert_args, *argv]), env)
 
 
 def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:

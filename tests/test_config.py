@@ -3,44 +3,23 @@ that names the flag and its environment variable (tests/test_cli.py: precedence,
 
 from __future__ import annotations
 
-import argparse
 import re
-from pathlib import Path
 
 import pytest
+from conftest import parse_serve
 
-from webhook.config import (
-    MUTATION_OPTIONS,
-    SERVE_OPTIONS,
-    SettingError,
-    add_options,
-    serve_settings,
-)
-
-
-def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_options(parser, SERVE_OPTIONS)
-    add_options(parser, MUTATION_OPTIONS)
-    return parser.parse_args(argv)
-
-
-@pytest.fixture
-def cert_args(tmp_path: Path) -> list[str]:
-    (tmp_path / "tls.crt").write_text("c")
-    (tmp_path / "tls.key").write_text("k")
-    return ["--cert-file", str(tmp_path / "tls.crt"), "--key-file", str(tmp_path / "tls.key")]
+from webhook.config import SettingError, serve_settings
 
 
 @pytest.mark.parametrize("raw", ["false", "0", "no", "off", "False", " OFF "])
 def test_resource_attributes_can_be_turned_off(cert_args: list[str], raw: str) -> None:
     env = {"LOCUST_WEBHOOK_RESOURCE_ATTRIBUTES": raw}
-    assert serve_settings(parse(cert_args), env).mutation.resource_attributes is False
+    assert serve_settings(parse_serve(cert_args), env).mutation.resource_attributes is False
 
 
 @pytest.mark.parametrize("raw", ["true", "1", "yes", "on", "TRUE"])
 def test_resource_attributes_can_be_turned_on(cert_args: list[str], raw: str) -> None:
-    settings = serve_settings(parse([*cert_args, "--resource-attributes", raw]), {})
+    settings = serve_settings(parse_serve([*cert_args, "--resource-attributes", raw]), {})
     assert settings.mutation.resource_attributes is True
 
 
@@ -80,14 +59,17 @@ def test_unusable_values_are_refused_naming_the_setting(
     cert_args: list[str], argv: list[str], env: dict[str, str], named: str
 ) -> None:
     with pytest.raises(SettingError, match=re.escape(named)):
-        serve_settings(parse([*cert_args, *argv]), env)
+        serve_settings(parse_serve([*cert_args, *argv]), env)
 
 
 def test_the_longest_namespace_name_and_the_shortest_timeout_are_accepted(
     cert_args: list[str],
 ) -> None:
     settings = serve_settings(
-        parse([*cert_args, "--namespaces", f"team-a, {'n' * 63}", "--lookup-timeout", "0.01"]), {}
+        parse_serve(
+            [*cert_args, "--namespaces", f"team-a, {'n' * 63}", "--lookup-timeout", "0.01"]
+        ),
+        {},
     )
     assert settings.namespaces == ("n" * 63, "team-a")
     assert settings.lookup_timeout == 0.01
