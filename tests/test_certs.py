@@ -550,13 +550,19 @@ def test_a_deleted_secret_is_reissued_while_its_ca_stays_trusted(cluster: Any) -
     assert ca_bundles(fake) == [new.ca_bundle, new.ca_bundle]
 
 
-def test_ca_bundle_is_patched_only_where_it_differs(cluster: Any) -> None:
-    fake, kubeconfig = cluster
+def issued_then_second_bundle_stale(fake: Any, kubeconfig: Path) -> dict[str, Any]:
+    """A first run, then the second webhook's caBundle changed behind it; the configuration."""
     assert in_cluster(kubeconfig) == 0
     config = fake.get(*CONFIG)
     assert config is not None
     config["webhooks"][1]["clientConfig"]["caBundle"] = base64.b64encode(b"stale").decode()
     fake.put("mutatingwebhookconfigurations", "", config)
+    return config
+
+
+def test_ca_bundle_is_patched_only_where_it_differs(cluster: Any) -> None:
+    fake, kubeconfig = cluster
+    issued_then_second_bundle_stale(fake, kubeconfig)
     fake.requests.clear()
 
     assert in_cluster(kubeconfig) == 0
@@ -594,11 +600,7 @@ def test_a_concurrent_writer_makes_the_run_start_over(cluster: Any) -> None:
 
 def test_a_webhook_list_edited_meanwhile_is_not_patched_by_position(cluster: Any) -> None:
     fake, kubeconfig = cluster
-    assert in_cluster(kubeconfig) == 0
-    config = fake.get(*CONFIG)
-    assert config is not None
-    config["webhooks"][1]["clientConfig"]["caBundle"] = base64.b64encode(b"stale").decode()
-    fake.put("mutatingwebhookconfigurations", "", config)
+    config = issued_then_second_bundle_stale(fake, kubeconfig)
     added = {**copy.deepcopy(config["webhooks"][0]), "name": "added.locust-webhook.locust.io"}
 
     def another_writer_first(request: Request) -> None:
