@@ -585,13 +585,14 @@ def test_service_name(extra: dict[str, str], expected: str) -> None:
             False,
             "http/json",
         ),
-        (
-            "grpc",
-            "http://otel:4317",
-            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http"},
-            False,
-            "not supported",
-        ),
+        # Set to '' is set: the exporter reads it, as TLS.
+        ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_INSECURE": ""}, False, "TLS"),
+        # Locust's reading of the protocol: stripped, any case, "http" for http/protobuf.
+        ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_PROTOCOL": " GRPC "}, False, None),
+        ("grpc", "http://otel:4318", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http"}, False, None),
+        ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http"}, False, "4317"),
+        ("grpc", "otel:4318", {"OTEL_EXPORTER_OTLP_PROTOCOL": "HTTP/protobuf"}, False, "at once"),
+        ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_PROTOCOL": ""}, False, "not supported"),
     ],
 )
 def test_endpoint_protocol_insecure_table(
@@ -630,6 +631,28 @@ def test_otel_setting_the_pod_takes_from_value_from_is_not_judged(
     test = locusttest("demo", otel={"enabled": True, "endpoint": endpoint})
     m = run_mutation(operator_pod("demo", "worker", env=own), test)
     assert m.result.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("entry", "endpoint", "warned"),
+    [
+        ({"name": "OTEL_EXPORTER_OTLP_INSECURE", "value": ""}, "http://otel:4317", "TLS"),
+        ({"name": "OTEL_EXPORTER_OTLP_INSECURE"}, "http://otel:4317", "TLS"),
+        ({"name": "OTEL_EXPORTER_OTLP_INSECURE", "value": "TRUE"}, "otel:4317", None),
+        ({"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": ""}, "http://otel:4317", "supported"),
+        ({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": ""}, "http://otel:4317", "endpoint"),
+    ],
+)
+def test_otel_setting_the_pod_sets_literally_is_judged_as_set(
+    entry: dict[str, str], endpoint: str, warned: str | None
+) -> None:
+    """An env entry with an empty or no value sets the variable to '' (not unset)."""
+    test = locusttest("demo", otel={"enabled": True, "endpoint": endpoint})
+    warnings = run_mutation(operator_pod("demo", "worker", env=[entry]), test).result.warnings
+    if warned is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and warned in warnings[0], warnings
 
 
 # --- Section 5: exporter sidecar ----------------------------------------------------------

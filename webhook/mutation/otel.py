@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import enum
 import functools
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from ..models import PROTOCOLS, LocustTestInfo, OtelSpec
-from .pod import Container, Pod, Role, Target, env_value, with_container
+from .pod import Container, Pod, Role, Target, env_entry, env_value, with_container
 
 RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 SERVICE_NAME = "OTEL_SERVICE_NAME"
@@ -149,13 +151,27 @@ def add_otel_flag(pod: Pod, index: int, target: Target) -> tuple[Pod, list[str]]
     ]
 
 
-def _effective(container: Container, extra: dict[str, str], name: str, default: str) -> str | None:
-    """The value the SDK will see: the pod's own env, else extraEnvVars, else ours.
-    None when the pod sets it from a source we cannot read (valueFrom)."""
-    own = env_value(container, name)
-    if own is not None:
-        return own or None
-    return extra.get(name, default)
+class Unread(enum.Enum):
+    """A setting the pod takes from a source the webhook cannot read (valueFrom)."""
+
+    VALUE_FROM = "valueFrom"
+
+
+VALUE_FROM = Unread.VALUE_FROM
+Setting = str | None | Literal[Unread.VALUE_FROM]  # None: not set at all
+
+
+def _effective(
+    container: Container, extra: dict[str, str], name: str, default: str | None
+) -> Setting:
+    """The value the SDK will see: the pod's own env (an entry without a value sets it to ''),
+    else extraEnvVars, else `default`."""
+    entry = env_entry(container, name)
+    if entry is None:
+        return extra.get(name, default)
+    if entry.get("valueFrom") is not None:
+        return VALUE_FROM
+    return env_value(container, name)
 
 
 def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
@@ -164,15 +180,16 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
     assert test.otel is not None
     spec = test.otel
     extra = dict(spec.extra_env)
+    attributes = _effective(container, extra, RESOURCE_ATTRIBUTES, None)
     return list(
         _warnings(
             f"LocustTest {test.namespace}/{test.name}",
             _effective(container, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint),
             _effective(container, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol),
             _effective(
-                container, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else ""
+                container, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else None
             ),
-            _effective(container, extra, RESOURCE_ATTRIBUTES, "") or "",
+            attributes if isinstance(attributes, str) else "",
         )
     )
 
@@ -180,7 +197,7 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
 # The same few settings come back for every pod of a test: remember their verdicts.
 @functools.lru_cache(maxsize=1024)
 def _warnings(
-    where: str, endpoint: str | None, protocol: str | None, insecure: str | None, attributes: str
+    where: str, endpoint: Setting, protocol: Setting, insecure: Setting, attributes: str
 ) -> tuple[str, ...]:
     warnings: list[str] = []
     if "service.version" in parse_attributes(attributes):
@@ -188,20 +205,24 @@ def _warnings(
             f"{where}: Locust sets service.version to its own version, replacing the "
             "service.version in OTEL_RESOURCE_ATTRIBUTES; use another key (e.g. test.version)"
         )
-    if endpoint == "":
+    if endpoint is not VALUE_FROM and not endpoint:
         warnings.append(
             f"{where}: OpenTelemetry is enabled without an endpoint: set "
             "spec.observability.openTelemetry.endpoint to the collector (e.g. "
             "http://otel-collector.monitoring:4317), or nothing will be exported"
         )
         return tuple(warnings)
-    if endpoint is None or protocol is None:
+    if endpoint is VALUE_FROM or protocol is VALUE_FROM:
         return tuple(warnings)
-    if protocol not in PROTOCOLS:
+    # Locust reads the protocol stripped and in any case, and takes "http" for http/protobuf.
+    chosen = ("grpc" if protocol is None else protocol).strip().lower()
+    chosen = "http/protobuf" if chosen == "http" else chosen
+    if chosen not in PROTOCOLS:
         warnings.append(
             f"{where}: protocol {protocol!r} is not supported; use grpc or http/protobuf"
         )
         return tuple(warnings)
+    protocol = chosen
     has_scheme = "://" in endpoint
     parts = urlsplit(endpoint if has_scheme else f"//{endpoint}")
     scheme = parts.scheme.lower()
@@ -219,12 +240,12 @@ def _warnings(
             f"{where}: endpoint port 4317 is OTLP/gRPC but protocol is http/protobuf: "
             "use port 4318 or protocol grpc"
         )
-    # The gRPC exporter reads OTEL_EXPORTER_OTLP_INSECURE as true only when it is "true" in any
-    # case, not stripped: any other value means TLS; unset ("" here), TLS unless the scheme is
-    # http. None: the pod sets it from a source we cannot read, maybe to true.
-    if protocol == "grpc" and insecure is not None:
-        insecure_true = insecure.lower() == "true"
-        if scheme == "http" and insecure and not insecure_true:
+    # The gRPC exporter reads OTEL_EXPORTER_OTLP_INSECURE, when it is set at all, as true
+    # only when it is "true" in any case, not stripped: any other value, '' included, means
+    # TLS. Unset (None), TLS unless the scheme is http.
+    if protocol == "grpc" and insecure is not VALUE_FROM:
+        insecure_true = insecure is not None and insecure.lower() == "true"
+        if scheme == "http" and insecure is not None and not insecure_true:
             warnings.append(
                 f"{where}: OTEL_EXPORTER_OTLP_INSECURE={insecure!r} makes the gRPC exporter use "
                 f"TLS towards {endpoint} (any value but true does): it fails against a plaintext "

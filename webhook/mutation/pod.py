@@ -209,13 +209,18 @@ def _flag_value(words: list[str], flag: str) -> str | None:
     return None
 
 
+def env_entry(container: Container, name: str) -> dict[str, Any] | None:
+    """The container's env entry of that name, else None."""
+    return next((entry for entry in container.get("env") or () if entry["name"] == name), None)
+
+
 def env_value(container: Container, name: str) -> str | None:
     """The literal value of an env var the container defines ('' for valueFrom), else None."""
-    for entry in container.get("env") or ():
-        if entry["name"] == name:
-            value = entry.get("value")
-            return value if isinstance(value, str) else ""
-    return None
+    entry = env_entry(container, name)
+    if entry is None:
+        return None
+    value = entry.get("value")
+    return value if isinstance(value, str) else ""
 
 
 def web_port(container: Container, words: list[str]) -> int:
