@@ -655,6 +655,32 @@ def test_otel_setting_the_pod_sets_literally_is_judged_as_set(
         assert len(warnings) == 1 and warned in warnings[0], warnings
 
 
+@pytest.mark.parametrize("where", ["extraEnvVars", "pod"])
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_LOGS_INSECURE",
+    ],
+)
+def test_otel_settings_overridden_per_signal_are_not_judged(variable: str, where: str) -> None:
+    """The exporters (and Locust, for the protocol) read the per-signal variables first: the
+    generic ones may not be what they use, so no verdict on them, not even a wrong one."""
+    extra = {variable: "http://otel:4318"} if where == "extraEnvVars" else {}
+    own = [{"name": variable, "value": "http://otel:4318"}] if where == "pod" else None
+    test = locusttest(
+        "demo",
+        otel={
+            "enabled": True,
+            "endpoint": "otel:4317",  # no scheme, not insecure: warned when judged
+            "extraEnvVars": {**extra, "OTEL_RESOURCE_ATTRIBUTES": "service.version=2"},
+        },
+    )
+    warnings = run_mutation(operator_pod("demo", "worker", env=own), test).result.warnings
+    assert len(warnings) == 1 and "service.version" in warnings[0], warnings
+
+
 # --- Section 5: exporter sidecar ----------------------------------------------------------
 
 

@@ -151,14 +151,21 @@ def add_otel_flag(pod: Pod, index: int, target: Target) -> tuple[Pod, list[str]]
     ]
 
 
-class Unread(enum.Enum):
-    """A setting the pod takes from a source the webhook cannot read (valueFrom)."""
+class Unknown(enum.Enum):
+    """A setting whose effect the webhook cannot tell: set from a source it cannot read
+    (valueFrom), or overridden per signal."""
 
-    VALUE_FROM = "valueFrom"
+    VALUE = "unknown"
 
 
-VALUE_FROM = Unread.VALUE_FROM
-Setting = str | None | Literal[Unread.VALUE_FROM]  # None: not set at all
+UNKNOWN = Unknown.VALUE
+Setting = str | None | Literal[Unknown.VALUE]  # None: not set at all
+# The exporters and Locust read these before the OTEL_EXPORTER_OTLP_* ones they override.
+PER_SIGNAL = frozenset(
+    f"OTEL_EXPORTER_OTLP_{signal}_{setting}"
+    for signal in ("TRACES", "METRICS", "LOGS")
+    for setting in ("ENDPOINT", "PROTOCOL", "INSECURE")
+)
 
 
 def _effective(
@@ -170,7 +177,7 @@ def _effective(
     if entry is None:
         return extra.get(name, default)
     if entry.get("valueFrom") is not None:
-        return VALUE_FROM
+        return UNKNOWN
     return env_value(container, name)
 
 
@@ -181,14 +188,22 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
     spec = test.otel
     extra = dict(spec.extra_env)
     attributes = _effective(container, extra, RESOURCE_ATTRIBUTES, None)
+    own = {entry["name"] for entry in container.get("env") or ()}
+    endpoint: Setting = UNKNOWN
+    protocol: Setting = UNKNOWN
+    insecure: Setting = UNKNOWN
+    if PER_SIGNAL.isdisjoint(own) and PER_SIGNAL.isdisjoint(extra):
+        endpoint = _effective(container, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint)
+        protocol = _effective(container, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol)
+        insecure = _effective(
+            container, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else None
+        )
     return list(
         _warnings(
             f"LocustTest {test.namespace}/{test.name}",
-            _effective(container, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint),
-            _effective(container, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol),
-            _effective(
-                container, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else None
-            ),
+            endpoint,
+            protocol,
+            insecure,
             attributes if isinstance(attributes, str) else "",
         )
     )
@@ -205,14 +220,14 @@ def _warnings(
             f"{where}: Locust sets service.version to its own version, replacing the "
             "service.version in OTEL_RESOURCE_ATTRIBUTES; use another key (e.g. test.version)"
         )
-    if endpoint is not VALUE_FROM and not endpoint:
+    if endpoint is not UNKNOWN and not endpoint:
         warnings.append(
             f"{where}: OpenTelemetry is enabled without an endpoint: set "
             "spec.observability.openTelemetry.endpoint to the collector (e.g. "
             "http://otel-collector.monitoring:4317), or nothing will be exported"
         )
         return tuple(warnings)
-    if endpoint is VALUE_FROM or protocol is VALUE_FROM:
+    if endpoint is UNKNOWN or protocol is UNKNOWN:
         return tuple(warnings)
     # Locust reads the protocol stripped and in any case, and takes "http" for http/protobuf.
     chosen = ("grpc" if protocol is None else protocol).strip().lower()
@@ -243,7 +258,7 @@ def _warnings(
     # The gRPC exporter reads OTEL_EXPORTER_OTLP_INSECURE, when it is set at all, as true
     # only when it is "true" in any case, not stripped: any other value, '' included, means
     # TLS. Unset (None), TLS unless the scheme is http.
-    if protocol == "grpc" and insecure is not VALUE_FROM:
+    if protocol == "grpc" and insecure is not UNKNOWN:
         insecure_true = insecure is not None and insecure.lower() == "true"
         if scheme == "http" and insecure is not None and not insecure_true:
             warnings.append(
