@@ -178,7 +178,8 @@ def _effective(
         return extra.get(name, default)
     if entry.get("valueFrom") is not None:
         return UNKNOWN
-    return env_value(container, name)
+    value = entry.get("value")
+    return value if isinstance(value, str) else ""
 
 
 def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:

@@ -211,7 +211,11 @@ def _flag_value(words: list[str], flag: str) -> str | None:
 
 def env_entry(container: Container, name: str) -> dict[str, Any] | None:
     """The container's env entry of that name, else None."""
-    return next((entry for entry in container.get("env") or () if entry["name"] == name), None)
+    entries: list[dict[str, Any]] = container.get("env") or []
+    for entry in entries:
+        if entry["name"] == name:
+            return entry
+    return None
 
 
 def env_value(container: Container, name: str) -> str | None:
