@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import enum
 import functools
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from ..models import PROTOCOLS, LocustTestInfo, OtelSpec
-from .pod import Container, Pod, Role, Target, env_entry, env_value, with_container
+from .pod import Container, Pod, Role, Target, env_value, with_container
 
 RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 SERVICE_NAME = "OTEL_SERVICE_NAME"
@@ -169,11 +169,11 @@ PER_SIGNAL = frozenset(
 
 
 def _effective(
-    container: Container, extra: dict[str, str], name: str, default: str | None
+    own: dict[str, dict[str, Any]], extra: dict[str, str], name: str, default: str | None
 ) -> Setting:
-    """The value the SDK will see: the pod's own env (an entry without a value sets it to ''),
-    else extraEnvVars, else `default`."""
-    entry = env_entry(container, name)
+    """The value the SDK will see: the pod's own env (`own`, by name; an entry without a value
+    sets it to ''), else extraEnvVars, else `default`."""
+    entry = own.get(name)
     if entry is None:
         return extra.get(name, default)
     if entry.get("valueFrom") is not None:
@@ -188,16 +188,17 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
     assert test.otel is not None
     spec = test.otel
     extra = dict(spec.extra_env)
-    attributes = _effective(container, extra, RESOURCE_ATTRIBUTES, None)
-    own = {entry["name"] for entry in container.get("env") or ()}
+    # The first entry of a name, as env_value reads it.
+    own = {entry["name"]: entry for entry in reversed(container.get("env") or ())}
+    attributes = _effective(own, extra, RESOURCE_ATTRIBUTES, None)
     endpoint: Setting = UNKNOWN
     protocol: Setting = UNKNOWN
     insecure: Setting = UNKNOWN
     if PER_SIGNAL.isdisjoint(own) and PER_SIGNAL.isdisjoint(extra):
-        endpoint = _effective(container, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint)
-        protocol = _effective(container, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol)
+        endpoint = _effective(own, extra, "OTEL_EXPORTER_OTLP_ENDPOINT", spec.endpoint)
+        protocol = _effective(own, extra, "OTEL_EXPORTER_OTLP_PROTOCOL", spec.protocol)
         insecure = _effective(
-            container, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else None
+            own, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else None
         )
     return list(
         _warnings(

@@ -209,22 +209,13 @@ def _flag_value(words: list[str], flag: str) -> str | None:
     return None
 
 
-def env_entry(container: Container, name: str) -> dict[str, Any] | None:
-    """The container's env entry of that name, else None."""
-    entries: list[dict[str, Any]] = container.get("env") or []
-    for entry in entries:
-        if entry["name"] == name:
-            return entry
-    return None
-
-
 def env_value(container: Container, name: str) -> str | None:
     """The literal value of an env var the container defines ('' for valueFrom), else None."""
-    entry = env_entry(container, name)
-    if entry is None:
-        return None
-    value = entry.get("value")
-    return value if isinstance(value, str) else ""
+    for entry in container.get("env") or ():
+        if entry["name"] == name:
+            value = entry.get("value")
+            return value if isinstance(value, str) else ""
+    return None
 
 
 def web_port(container: Container, words: list[str]) -> int:
