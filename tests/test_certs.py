@@ -407,15 +407,33 @@ def test_a_ca_lasting_exactly_twice_the_certificate_is_accepted() -> None:
     assert settings.validity == Validity(days=365, ca_days=730, renew_before_days=30)
 
 
+EITHER = (
+    r"either --out-dir \(LOCUST_WEBHOOK_OUT_DIR\), or --secret \(LOCUST_WEBHOOK_SECRET\) "
+    r"and --webhook-config \(LOCUST_WEBHOOK_WEBHOOK_CONFIG\)"
+)
+TWICE = (
+    r"--ca-days \(LOCUST_WEBHOOK_CA_DAYS\) must be at least twice "
+    r"--days \(LOCUST_WEBHOOK_DAYS\)"
+)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ((), "either --out-dir"),
-        (("--out-dir", "x", "--secret", "s", "--webhook-config", "w"), "either --out-dir"),
-        (("--secret", "s"), "go together"),
-        (("--out-dir", "x", "--days", "30", "--renew-before-days", "30"), "less than --days"),
-        (("--out-dir", "x", "--days", "400", "--ca-days", "365"), "at least twice --days"),
-        (("--out-dir", "x", "--days", "365", "--ca-days", "366"), "at least twice --days"),
+        ((), EITHER),
+        (("--out-dir", "x", "--secret", "s", "--webhook-config", "w"), EITHER),
+        (
+            ("--secret", "s"),
+            r"--secret \(LOCUST_WEBHOOK_SECRET\) and --webhook-config "
+            r"\(LOCUST_WEBHOOK_WEBHOOK_CONFIG\) go together",
+        ),
+        (
+            ("--out-dir", "x", "--days", "30", "--renew-before-days", "30"),
+            r"--renew-before-days \(LOCUST_WEBHOOK_RENEW_BEFORE_DAYS\) must be less than "
+            r"--days \(LOCUST_WEBHOOK_DAYS\)",
+        ),
+        (("--out-dir", "x", "--days", "400", "--ca-days", "365"), TWICE),
+        (("--out-dir", "x", "--days", "365", "--ca-days", "366"), TWICE),
         (("--out-dir", "x", "--days", "soon"), "LOCUST_WEBHOOK_DAYS"),
         (("--out-dir", "x", "--renew-before-days", "0"), "between 1 and 36500"),
         (("--out-dir", "x", "--ca-days", "36501"), "between 1 and 36500"),

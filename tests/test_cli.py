@@ -74,7 +74,8 @@ def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:
         "serve", "--cert-file", str(tmp_path / "none.crt"), "--key-file", str(tmp_path / "none.key")
     )
     assert done.returncode == 2
-    assert "--cert-file" in done.stderr and "does not exist" in done.stderr
+    assert "--cert-file (LOCUST_WEBHOOK_CERT_FILE)" in done.stderr
+    assert "does not exist" in done.stderr
     assert "`make certs`" in done.stderr
 
 
@@ -91,6 +92,7 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
         str(tmp_path),
     )
     assert done.returncode == 2
+    assert "--key-file (LOCUST_WEBHOOK_KEY_FILE)" in done.stderr
     assert "is not the key of" in done.stderr
 
 
@@ -100,7 +102,11 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
         # Neither a cluster nor a kubeconfig: say what to set.
         (
             {"KUBECONFIG": "/nonexistent/kubeconfig"},
-            ["no Kubernetes API configuration", "KUBECONFIG", "--locusttests"],
+            [
+                "--locusttests (LOCUST_WEBHOOK_LOCUSTTESTS) is empty",
+                "no Kubernetes API configuration",
+                "KUBECONFIG",
+            ],
         ),
         # In a pod whose configuration is broken: say why it cannot be used.
         (

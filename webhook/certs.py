@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .config import Option, SettingError, add_options
+from .config import Option, SettingError, add_options, named
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOCAL_IPS: tuple[IPAddress, ...] = (
@@ -155,12 +155,15 @@ class Validity:
     def check(self) -> None:
         """Refuse combinations that would renew on every run."""
         if self.renew_before_days >= self.days:
-            raise SettingError("--renew-before-days must be less than --days")
+            raise SettingError(
+                f"{named('--renew-before-days')} must be less than {named('--days')}"
+            )
         # A CA is replaced once it has less than --days left: it serves ca_days - days.
         if self.ca_days < 2 * self.days:
             raise SettingError(
-                "--ca-days must be at least twice --days (a CA is replaced once it has less "
-                "than --days left, so a shorter one would be replaced every few runs)"
+                f"{named('--ca-days')} must be at least twice {named('--days')} (a CA is "
+                "replaced once it has less than --days left, so a shorter one would be replaced "
+                "every few runs)"
             )
 
 
@@ -191,9 +194,12 @@ def certs_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Cert
     validity.check()
     in_cluster = bool(values["secret"] or values["webhook_config"])
     if bool(values["out_dir"]) == in_cluster:
-        raise SettingError("give either --out-dir, or --secret and --webhook-config")
+        raise SettingError(
+            f"give either {named('--out-dir')}, or {named('--secret')} and "
+            f"{named('--webhook-config')}"
+        )
     if in_cluster and not (values["secret"] and values["webhook_config"]):
-        raise SettingError("--secret and --webhook-config go together")
+        raise SettingError(f"{named('--secret')} and {named('--webhook-config')} go together")
     return CertsSettings(
         names=Names(values["service"], values["namespace"]),
         validity=validity,

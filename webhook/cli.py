@@ -21,6 +21,7 @@ from .config import (
     SettingError,
     add_options,
     mutation_settings,
+    named,
     serve_settings,
 )
 
@@ -58,9 +59,9 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             serve(settings)
         except CertificateError as exc:
-            raise UsageError(f"--cert-file/--key-file: {exc}") from None
+            raise UsageError(f"{named('--cert-file')}/{named('--key-file')}: {exc}") from None
         except SourceUnavailable as exc:
-            raise UsageError(f"--locusttests is empty and {exc}") from None
+            raise UsageError(f"{named('--locusttests')} is empty and {exc}") from None
     return 0
 
 

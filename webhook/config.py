@@ -108,7 +108,17 @@ class Option:
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.attr.upper()
+        return env_var(self.flag)
+
+
+def env_var(flag: str) -> str:
+    """A flag's environment variable twin: --lookup-timeout, LOCUST_WEBHOOK_LOOKUP_TIMEOUT."""
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def named(flag: str) -> str:
+    """A flag with its environment variable, as every message about a setting names it."""
+    return f"{flag} ({env_var(flag)})"
 
 
 MUTATION_OPTIONS = (
@@ -293,7 +303,7 @@ def _resolve(
         try:
             values[option.attr] = option.parse(raw)
         except SettingError as exc:
-            raise SettingError(f"{option.flag} ({option.env}) from {source}: {exc}") from None
+            raise SettingError(f"{named(option.flag)} from {source}: {exc}") from None
     return values
 
 
@@ -315,9 +325,8 @@ def serve_settings(
     for name in ("cert_file", "key_file"):
         path = getattr(settings, name)
         if not os.path.isfile(path):
-            flag = "--" + name.replace("_", "-")
             raise SettingError(
-                f"{flag} ({ENV_PREFIX}{name.upper()}): {path!r} does not exist "
+                f"{named('--' + name.replace('_', '-'))}: {path!r} does not exist "
                 "(`make certs` writes development certificates for localhost there)"
             )
     return settings
