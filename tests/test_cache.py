@@ -661,6 +661,20 @@ def test_invalid_locusttest_is_skipped_and_the_watch_goes_on(
     assert "skipping invalid LocustTest default/broken" in caplog.text
 
 
+def test_an_invalid_locusttest_found_by_a_direct_get_is_missing_and_named(
+    api: FakeKubeAPI, make_source: MakeSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = make_source()
+    wait_until(source.ready)
+    api.lag = 30.0  # the watch has not delivered it: the lookup asks the API
+    broken = locusttest("broken")
+    broken["metadata"]["annotations"] = "not a map"
+    api.create(broken)
+    assert source.get("default", "broken") is None
+    assert any(r.path.endswith("/broken") for r in api.requests)
+    assert "skipping invalid LocustTest default/broken" in caplog.text
+
+
 def test_a_locusttest_changed_into_an_invalid_one_is_no_longer_served(
     api: FakeKubeAPI, make_source: MakeSource
 ) -> None:

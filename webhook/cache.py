@@ -246,10 +246,8 @@ class ClusterSource:
         return None
 
     def _found(self, obj: Any, view: View) -> LocustTestInfo | None:
-        try:
-            info = parse_locusttest(obj)
-        except InvalidLocustTest as exc:
-            log.warning("ignoring an invalid LocustTest: %s", exc)
+        info = _parse(obj)
+        if info is None:
             metrics.LOOKUPS.labels(result="not_found").inc()
             return None
         # The watch may already have delivered a newer version: keep it.
