@@ -118,3 +118,19 @@ def test_a_body_the_server_cannot_unframe_gets_400(app: Flask) -> None:
     status, answer = call(app, b"", **{"wsgi.input": stream, "wsgi.input_terminated": True})
     assert status == 400
     assert answer["error"] == "the request body could not be read"
+
+
+def test_the_default_limit_takes_what_the_api_server_may_send() -> None:
+    """The API server's own limit on a request body is 3 MiB: a review of that size is
+    answered under the serving default."""
+    from webhook.config import ServeSettings
+
+    source = Source(locusttest("otel-test", otel={"enabled": True}))
+    app = create_app(Handler(source, MutationSettings()), source, ServeSettings().max_body_bytes)
+    pod = operator_pod("otel-test", "master")
+    pod["metadata"]["annotations"] = {"padding": "x" * (3 * 1024 * 1024 - 4096)}
+    body = json.dumps(review(pod)).encode()
+    assert 3 * 1024 * 1024 - 4096 < len(body) <= 3 * 1024 * 1024
+    status, answer = call(app, body, CONTENT_LENGTH=str(len(body)))
+    assert status == 200
+    assert answer["response"]["patchType"] == "JSONPatch"

@@ -102,3 +102,24 @@ def test_cache_synced_is_0_while_one_worker_waits_for_its_copy(
         # What the master does when a worker exits (webhook.watcher.forget_process).
         mark_process_dead(int(waiting.stdout), str(metrics_dir))  # type: ignore[no-untyped-call]
     assert "locust_webhook_cache_synced 1.0" in server.metrics()
+
+
+def test_serve_removes_the_metrics_directory_it_made_and_keeps_a_given_one(
+    tmp_path: Path,
+) -> None:
+    locusttests = tmp_path / "locusttests"
+    locusttests.mkdir()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with serve(tmp_path, "--locusttests", str(locusttests), env={"TMPDIR": str(scratch)}):
+        made = list(scratch.glob("locust-webhook-metrics-*"))
+        assert len(made) == 1
+        assert list(made[0].glob("*.db"))  # the workers' values
+    assert not made[0].exists()
+    given = tmp_path / "given"
+    given.mkdir()
+    env = {"TMPDIR": str(scratch), "PROMETHEUS_MULTIPROC_DIR": str(given)}
+    with serve(tmp_path, "--locusttests", str(locusttests), env=env):
+        assert list(given.glob("*.db"))
+        assert not list(scratch.glob("locust-webhook-metrics-*"))  # none of its own
+    assert list(given.glob("*.db"))

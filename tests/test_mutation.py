@@ -728,6 +728,8 @@ def test_container_mode_and_configured_exporter() -> None:
         "limits": {"cpu": "200m"},
     }
     assert m.pod["metadata"]["annotations"]["prometheus.io/port"] == "9700"
+    assert {"name": "LOCUST_EXPORTER_WEB_LISTEN_ADDRESS", "value": ":9700"} in sidecar["env"]
+    assert [port["containerPort"] for port in sidecar["ports"]] == [9700]
 
 
 @pytest.mark.parametrize(
