@@ -104,16 +104,21 @@ class Option:
 
     @property
     def attr(self) -> str:
-        return self.flag.lstrip("-").replace("-", "_")
+        return attr_name(self.flag)
 
     @property
     def env(self) -> str:
         return env_var(self.flag)
 
 
+def attr_name(flag: str) -> str:
+    """A flag's settings attribute: --lookup-timeout, lookup_timeout."""
+    return flag.lstrip("-").replace("-", "_")
+
+
 def env_var(flag: str) -> str:
     """A flag's environment variable twin: --lookup-timeout, LOCUST_WEBHOOK_LOOKUP_TIMEOUT."""
-    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+    return ENV_PREFIX + attr_name(flag).upper()
 
 
 def named(flag: str) -> str:
@@ -322,11 +327,11 @@ def serve_settings(
     env = os.environ if environ is None else environ
     values = _resolve(SERVE_OPTIONS, args, env)
     settings = ServeSettings(mutation=mutation_settings(args, env), **values)
-    for name in ("cert_file", "key_file"):
-        path = getattr(settings, name)
+    for flag in ("--cert-file", "--key-file"):
+        path = getattr(settings, attr_name(flag))
         if not os.path.isfile(path):
             raise SettingError(
-                f"{named('--' + name.replace('_', '-'))}: {path!r} does not exist "
+                f"{named(flag)}: {path!r} does not exist "
                 "(`make certs` writes development certificates for localhost there)"
             )
     return settings
