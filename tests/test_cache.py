@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 from webhook import cache
 from webhook.cache import ClusterSource, Key
 from webhook.lookup import BACKOFF_CAP, BACKOFF_START, Backoff, SourceUnavailable
-from webhook.models import LocustTestInfo
+from webhook.models import REQUIRED_ANNOTATION, LocustTestInfo
 
 MakeSource = Callable[..., ClusterSource]
 
@@ -645,7 +645,13 @@ def test_rbac_lost_again_after_a_recovery_is_logged_again(
     wait_until(lambda: rbac_lines() == 2, timeout=10)
 
 
-def test_invalid_locusttest_is_skipped_and_the_watch_goes_on(
+def problem(source: ClusterSource, name: str) -> str | None:
+    """The cached LocustTest's problem ('' when it is valid), None when it is not cached."""
+    info = source.cached(("default", name))
+    return None if info is None else info.problem
+
+
+def test_an_invalid_locusttest_is_kept_with_its_problem_and_the_watch_goes_on(
     api: FakeKubeAPI, make_source: MakeSource, caplog: pytest.LogCaptureFixture
 ) -> None:
     broken = locusttest("broken")
@@ -654,35 +660,45 @@ def test_invalid_locusttest_is_skipped_and_the_watch_goes_on(
     api.create(locusttest("load-a"))
     source = make_source()
     wait_until(source.ready)
-    assert source.size() == 1
+    assert problem(source, "broken") == "metadata.annotations is not an object"
+    assert "invalid LocustTest default/broken: metadata.annotations is not an object" in (
+        caplog.text
+    )
     api.update({**broken, "metadata": {**broken["metadata"], "annotations": ["still", "bad"]}})
     api.create(locusttest("load-b"))
-    wait_until(lambda: source.size() == 2)
-    assert "skipping invalid LocustTest default/broken" in caplog.text
+    wait_until(lambda: source.size() == 3)
+    assert problem(source, "broken") == "metadata.annotations is not an object"
+    assert problem(source, "load-a") == problem(source, "load-b") == ""
 
 
-def test_an_invalid_locusttest_found_by_a_direct_get_is_missing_and_named(
+def test_an_invalid_locusttest_found_by_a_direct_get_is_kept_with_its_problem(
     api: FakeKubeAPI, make_source: MakeSource, caplog: pytest.LogCaptureFixture
 ) -> None:
     source = make_source()
     wait_until(source.ready)
     api.lag = 30.0  # the watch has not delivered it: the lookup asks the API
     broken = locusttest("broken")
-    broken["metadata"]["annotations"] = "not a map"
+    broken["metadata"]["annotations"] = {REQUIRED_ANNOTATION: "true"}
+    broken["spec"]["observability"] = {"openTelemetry": {"extraEnvVars": ["A=1"]}}
     api.create(broken)
-    assert source.get("default", "broken") is None
+    found = source.get("default", "broken")
+    assert found is not None
+    assert found.problem == "spec.observability.openTelemetry.extraEnvVars is not an object"
+    assert found.required and found.otel is None
     assert any(r.path.endswith("/broken") for r in api.requests)
-    assert "skipping invalid LocustTest default/broken" in caplog.text
+    assert "invalid LocustTest default/broken: spec.observability" in caplog.text
 
 
-def test_a_locusttest_changed_into_an_invalid_one_is_no_longer_served(
+def test_a_locusttest_changed_into_an_invalid_one_is_served_with_its_problem(
     api: FakeKubeAPI, make_source: MakeSource
 ) -> None:
     valid = api.create(locusttest("turned"))
     source = make_source()
     wait_until(lambda: source.cached(("default", "turned")) is not None)
     api.update({**valid, "metadata": {**valid["metadata"], "annotations": "not a map"}})
-    wait_until(lambda: source.cached(("default", "turned")) is None)
+    wait_until(lambda: problem(source, "turned") == "metadata.annotations is not an object")
+    api.update(valid)
+    wait_until(lambda: problem(source, "turned") == "")
 
 
 def test_stop_returns_promptly_with_open_watches(api: FakeKubeAPI, make_source: MakeSource) -> None:

@@ -17,6 +17,7 @@ from test_memo import admit, env_of
 from webhook.config import MutationSettings
 from webhook.handler import Handler
 from webhook.lookup import DirectorySource
+from webhook.models import REQUIRED_ANNOTATION
 
 LATIN_1 = "# caf\xe9\nkind: LocustTest\n".encode("latin-1")  # not UTF-8
 GRPC = "http://otel-collector.monitoring:4317"
@@ -99,6 +100,30 @@ def test_a_malformed_locusttest_is_skipped_and_the_others_are_served(
     assert source.get("default", "good") is not None
     assert source.size() == 1
     assert "skipping a LocustTest in" in caplog.text and "metadata.name is missing" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("annotations", "allowed"), [(None, True), ({REQUIRED_ANNOTATION: "true"}, False)]
+)
+def test_the_pods_of_an_invalid_locusttest_are_told_why_and_required_still_holds(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    annotations: dict[str, str] | None,
+    allowed: bool,
+) -> None:
+    otel = {"enabled": True, "extraEnvVars": ["A=1"]}
+    broken = locusttest("broken", otel=otel, annotations=annotations)
+    write_all(tmp_path, "a.yaml", [broken])
+    response = admit(
+        Handler(DirectorySource(tmp_path), MutationSettings()), operator_pod("broken", "master")
+    )
+    message = (
+        "LocustTest default/broken cannot be read (spec.observability.openTelemetry."
+        "extraEnvVars is not an object): observability was not injected"
+    )
+    assert response["allowed"] is allowed and "patch" not in response
+    assert (response.get("warnings") or [response["status"]["message"]]) == [message]
+    assert f"invalid LocustTest default/broken in {tmp_path / 'a.yaml'}" in caplog.text
 
 
 def test_an_edit_that_keeps_the_file_size_is_reloaded(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from webhook import feed
 from webhook.cache import ClusterSource
 from webhook.feed import FeedServer, FeedSource
 from webhook.lookup import SourceUnavailable
-from webhook.models import from_wire, parse_locusttest, to_wire
+from webhook.models import from_wire, read_locusttest, to_wire
 
 
 class InThreadWatcher:
@@ -95,11 +95,13 @@ def test_wire_records_survive_json_and_share_specs_like_a_parse() -> None:
     test["spec"]["observability"]["openTelemetry"]["extraEnvVars"] = {"B": "2", "A": "1"}
     test["metadata"]["annotations"] = {"observability.locust.io/required": "true"}
     v1 = {"apiVersion": "locust.io/v1", "kind": "LocustTest", "metadata": {"name": "old"}}
-    for obj in (test, v1):
-        info = parse_locusttest(obj)
+    invalid = {**test, "spec": {"observability": "on"}}
+    for obj in (test, v1, invalid):
+        info = read_locusttest(obj)
         copy = from_wire(orjson.loads(orjson.dumps(to_wire(info))))
         assert copy == info
         assert copy.otel is info.otel  # one OtelSpec per distinct setting, as in the cache
+    assert info.problem == "spec.observability is not an object" and info.required
 
 
 def test_a_worker_receives_every_locusttest_then_each_change(

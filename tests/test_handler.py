@@ -90,6 +90,7 @@ def admission_line(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The answer to one pod, and the admission line it was logged with (`options` as admit's)."""
     read_end, write_end = os.pipe()
+    os.set_blocking(read_end, False)  # no line logged: BlockingIOError, not a hang
     try:
         buffer = logs.LineBuffer(write_end)
         monkeypatch.setattr(logs, "LINES", buffer)
@@ -114,6 +115,23 @@ def test_the_admission_line_names_the_locusttest_that_was_not_found(
         "failed_open",
         "locusttest-not-found",
     )
+
+
+@pytest.mark.parametrize(("policy", "outcome"), [("open", "failed_open"), ("closed", "denied")])
+def test_an_invalid_locusttest_is_its_own_reason_under_either_policy(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, policy: str, outcome: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    broken = locusttest("broken", annotations={"team": "a"})
+    broken["spec"]["observability"] = "on"
+    handler = Handler(Source(broken), MutationSettings(), policy)
+    response, line = admission_line(monkeypatch, handler, operator_pod("broken", "master"))
+    assert (line["locusttest"], line["outcome"], line["reason"]) == (
+        "broken",
+        outcome,
+        "locusttest-invalid",
+    )
+    assert response["allowed"] is (policy == "open")
 
 
 def test_a_pod_name_that_is_not_a_string_is_answered_and_logged_without_it(

@@ -17,7 +17,7 @@ from kubernetes import client, config, watch
 
 from . import metrics
 from .lookup import Backoff, SourceUnavailable
-from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
+from .models import InvalidLocustTest, LocustTestInfo, read_locusttest
 
 log = logging.getLogger(__name__)
 
@@ -415,7 +415,7 @@ class ClusterSource:
             key = (info.namespace, info.name)
             self._views[scope.namespace][key] = info
         elif kind in ("ADDED", "MODIFIED", "DELETED"):
-            # Deleted, or changed into something invalid: its last version no longer holds.
+            # Deleted: its last version no longer holds.
             metadata = obj.get("metadata") or {}
             key = (metadata.get("namespace") or "", metadata.get("name") or "")
             self._views[scope.namespace].pop(key, None)
@@ -427,17 +427,16 @@ class ClusterSource:
 
 
 def _parse(obj: Any) -> LocustTestInfo | None:
+    """The LocustTest as kept (an invalid one with its `problem`, logged), None without a
+    name."""
     try:
-        return parse_locusttest(obj)
+        info = read_locusttest(obj)
     except InvalidLocustTest as exc:
-        metadata = obj.get("metadata") if isinstance(obj, dict) else None
-        where = (
-            f"{metadata.get('namespace')}/{metadata.get('name')}"
-            if isinstance(metadata, dict)
-            else "?"
-        )
-        log.warning("skipping invalid LocustTest %s: %s", where, exc)
+        log.warning("skipping a LocustTest without a name: %s", exc)
         return None
+    if info.problem:
+        log.warning("invalid LocustTest %s/%s: %s", info.namespace, info.name, info.problem)
+    return info
 
 
 def _describe(exc: Exception | None) -> str:

@@ -155,6 +155,15 @@ class Handler:
                 f"LocustTest {namespace}/{test_name} not found: observability was not injected",
                 test_name,
             )
+        if test.problem:
+            return self._refuse_or_allow(
+                review,
+                "locusttest-invalid",
+                f"LocustTest {namespace}/{test_name} cannot be read ({test.problem}): "
+                "observability was not injected",
+                test_name,
+                test.required,
+            )
         return self._mutate(review, pod, test, namespace)
 
     def _mutate(

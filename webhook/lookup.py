@@ -11,7 +11,7 @@ from typing import Protocol
 
 import yaml
 
-from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
+from .models import InvalidLocustTest, LocustTestInfo, read_locusttest
 
 log = logging.getLogger(__name__)
 # libyaml's loader when PyYAML was built with it: 10x faster on directories of many tests.
@@ -75,10 +75,13 @@ def _load_dir(directory: Path) -> dict[tuple[str, str], LocustTestInfo]:
             if not isinstance(doc, dict) or doc.get("kind") != "LocustTest":
                 continue
             try:
-                info = parse_locusttest(doc)
+                info = read_locusttest(doc)
             except InvalidLocustTest as exc:
                 log.warning("skipping a LocustTest in %s: %s", path, exc)
                 continue
+            if info.problem:
+                where = f"{info.namespace}/{info.name} in {path}"
+                log.warning("invalid LocustTest %s: %s", where, info.problem)
             # v2 wins over v1 for the same name, as it does when the API is asked.
             key = (info.namespace, info.name)
             if key not in tests or info.api_version.endswith("/v2"):

@@ -37,6 +37,9 @@ class LocustTestInfo:
     api_version: str
     required: bool
     otel: OtelSpec | None
+    # Why the rest of the LocustTest cannot be read ('' when it can): its pods are then told so
+    # instead of being mutated, and `required` still holds (see read_locusttest).
+    problem: str = ""
 
     @property
     def otel_enabled(self) -> bool:
@@ -114,24 +117,49 @@ def parse_locusttest(obj: Any, default_namespace: str = "default") -> LocustTest
     )
 
 
+def read_locusttest(obj: Any, default_namespace: str = "default") -> LocustTestInfo:
+    """What the sources keep of a LocustTest: `parse_locusttest`'s answer, or, for one with a
+    name whose rest cannot be read, a LocustTestInfo that says why (`problem`), so that its pods
+    are told it is invalid rather than missing. Raises InvalidLocustTest only without a name."""
+    try:
+        return parse_locusttest(obj, default_namespace)
+    except InvalidLocustTest as exc:
+        metadata = obj.get("metadata") if isinstance(obj, dict) else None
+        if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str):
+            raise
+        name, annotations = metadata["name"], metadata.get("annotations")
+        if not name:
+            raise
+        return LocustTestInfo(
+            namespace=sys.intern(str(metadata.get("namespace") or default_namespace)),
+            name=name,
+            api_version=sys.intern(str(obj.get("apiVersion") or "")),
+            required=isinstance(annotations, dict)
+            and annotations.get(REQUIRED_ANNOTATION) == "true",
+            otel=None,
+            problem=str(exc),
+        )
+
+
 # The watcher process sends LocustTestInfo to the workers as JSON arrays (see webhook.feed).
 Wire = list[Any]
 
 
 def to_wire(info: LocustTestInfo) -> Wire:
-    """`info` as a JSON-ready array: [namespace, name, apiVersion, required, otel or null]."""
+    """`info` as a JSON-ready array: [namespace, name, apiVersion, required, otel or null,
+    problem]."""
     otel = info.otel
     spec = (
         None
         if otel is None
         else [otel.enabled, otel.endpoint, otel.protocol, otel.insecure, otel.extra_env]
     )
-    return [info.namespace, info.name, info.api_version, info.required, spec]
+    return [info.namespace, info.name, info.api_version, info.required, spec, info.problem]
 
 
 def from_wire(record: Wire) -> LocustTestInfo:
     """The LocustTestInfo `to_wire` made `record` from, sharing strings and specs like a parse."""
-    namespace, name, api_version, required, spec = record
+    namespace, name, api_version, required, spec, problem = record
     otel = None
     if spec is not None:
         enabled, endpoint, protocol, insecure, extra_env = spec
@@ -144,4 +172,5 @@ def from_wire(record: Wire) -> LocustTestInfo:
         api_version=sys.intern(api_version),
         required=required,
         otel=otel,
+        problem=problem,
     )
