@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import socket
 import subprocess
 from dataclasses import fields
 from pathlib import Path
@@ -24,6 +26,9 @@ from webhook.config import (
     SettingError,
     serve_settings,
 )
+from webhook.handler import Handler
+from webhook.lookup import DirectorySource
+from webhook.server import check_address
 
 
 def test_documented_defaults_are_the_settings_defaults() -> None:
@@ -76,7 +81,56 @@ def test_serve_refuses_to_start_without_certificates(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--cert-file (LOCUST_WEBHOOK_CERT_FILE)" in done.stderr
     assert "does not exist" in done.stderr
-    assert "`make certs`" in done.stderr
+    assert "`make certs`" not in done.stderr  # it writes the default paths, not these
+    default = cli("serve", cwd=tmp_path)
+    assert default.returncode == 2
+    assert "'certs/tls.crt' does not exist (`make certs` writes" in default.stderr
+
+
+@pytest.mark.parametrize("reuse_port", [False, True], ids=["another program", "another serve"])
+def test_serve_refuses_a_port_already_listened_on(tmp_path: Path, reuse_port: bool) -> None:
+    """A port held without SO_REUSEPORT made the workers fail and restart forever; one held
+    by another `serve` (whose workers set it) was shared with it without a word."""
+    make_certs(tmp_path)
+    with socket.socket() as holder:
+        if reuse_port:
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = cli(
+            "serve", "--cert-file", str(tmp_path / "tls.crt"), "--key-file",
+            str(tmp_path / "tls.key"), "--host", "127.0.0.1", "--port", str(port),
+            "--locusttests", str(tmp_path),
+        )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert (
+        "--host (LOCUST_WEBHOOK_HOST)/--port (LOCUST_WEBHOOK_PORT): cannot listen on 127.0.0.1 "
+        f"port {port}: Address already in use"
+    ) in done.stderr
+
+
+def test_a_port_left_with_connections_in_time_wait_can_be_listened_on_again() -> None:
+    with socket.socket() as listener:
+        for option in (socket.SO_REUSEADDR, socket.SO_REUSEPORT):  # as gunicorn's workers
+            listener.setsockopt(socket.SOL_SOCKET, option, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = listener.accept()
+            accepted.close()  # the server's side closes first: its end waits in TIME_WAIT
+            client.recv(1)
+    check_address("127.0.0.1", port)  # raises SettingError when refused
+    with pytest.raises(SettingError, match=r"cannot listen on 192\.0\.2\.1 port"):
+        check_address("192.0.2.1", port)  # TEST-NET-1: no interface has it
+
+
+def test_an_unknown_flag_is_refused_with_the_commands_own_usage() -> None:
+    done = cli("serve", "--prot", "8443")
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: locust-webhook serve ")
+    assert "locust-webhook serve: error: unrecognized arguments: --prot 8443" in done.stderr
 
 
 def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
@@ -192,7 +246,31 @@ def test_inject_a_jobs_pod_template_from_stdin(tmp_path: Path) -> None:
 def test_inject_refuses_other_kinds(tmp_path: Path) -> None:
     done = run_inject(tmp_path, {"kind": "Deployment", "metadata": {}}, locusttest("demo"))
     assert done.returncode == 2
-    assert "expected a Pod or a Job" in done.stderr
+    assert "expected a Pod or a Job, got kind 'Deployment'" in done.stderr
+    done = run_inject(tmp_path, {"metadata": {}}, locusttest("demo"))
+    assert "expected a Pod or a Job, got an object without a kind" in done.stderr
+
+
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("review-*.json")))
+def test_the_readme_examples_are_patched_by_make_run_as_by_inject(
+    tmp_path: Path, name: str
+) -> None:
+    """`make run` serves examples/ and the README curls these reviews: each gets a patch, the
+    one `inject` prints for its pod."""
+    review = json.loads((EXAMPLES / name).read_text())
+    handler = Handler(DirectorySource(EXAMPLES), MutationSettings())
+    response = json.loads(handler.handle((EXAMPLES / name).read_bytes()))["response"]
+    assert response["allowed"] is True and response["uid"] == review["request"]["uid"]
+    (tmp_path / "pod.json").write_text(json.dumps(review["request"]["object"]))
+    done = cli(
+        "inject", "-f", str(tmp_path / "pod.json"), "--locusttest",
+        str(EXAMPLES / "locusttests.yaml"), "-o", "patch",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(base64.b64decode(response["patch"])) == json.loads(done.stdout) != []
 
 
 def test_readme_documents_every_setting_with_its_default() -> None:

@@ -422,6 +422,7 @@ def test_health_readiness_and_metrics(conn: http.client.HTTPSConnection) -> None
 def test_the_log_says_where_it_serves(server: Server) -> None:
     wanted = f"serving HTTPS on 127.0.0.1 port {server.port}: 2 workers of 16 threads"
     assert wanted in server.log()
+    assert "Listening at" not in server.log()  # gunicorn's, without an address under reuse_port
 
 
 def test_one_structured_log_line_per_admission(

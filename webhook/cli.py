@@ -110,7 +110,8 @@ def run_inject(args: argparse.Namespace) -> int:
         if not isinstance(pod, dict):
             raise UsageError("the Job has no spec.template")
     elif kind != "Pod":
-        raise UsageError(f"{args.file}: expected a Pod or a Job, got kind {kind!r}")
+        got = "an object without a kind" if kind is None else f"kind {kind!r}"
+        raise UsageError(f"{args.file}: expected a Pod or a Job, got {got}")
     label = ((pod.get("metadata") or {}).get("labels") or {}).get(TEST_NAME_LABEL)
     test = _pick_locusttest(args.locusttest, label)
     err: TextIO = sys.stderr
@@ -180,6 +181,8 @@ def build_parser(with_certs: bool = True) -> argparse.ArgumentParser:
         from .certs import add_parser as add_certs_parser
 
         add_certs_parser(commands)
+    for command in commands.choices.values():
+        command.set_defaults(parser=command)  # to refuse unknown flags with its own usage
     return parser
 
 
@@ -187,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # `serve` never needs `certs`, whose cryptography import would cost every worker ~8 MB.
-    args = build_parser(with_certs=argv[:1] != ["serve"]).parse_args(argv)
+    args, unknown = build_parser(with_certs=argv[:1] != ["serve"]).parse_known_args(argv)
+    if unknown:
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         code: int = args.func(args)
     except (SettingError, UsageError) as exc:

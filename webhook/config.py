@@ -327,11 +327,13 @@ def serve_settings(
     env = os.environ if environ is None else environ
     values = _resolve(SERVE_OPTIONS, args, env)
     settings = ServeSettings(mutation=mutation_settings(args, env), **values)
-    for flag in ("--cert-file", "--key-file"):
-        path = getattr(settings, attr_name(flag))
+    for option in (o for o in SERVE_OPTIONS if o.flag in ("--cert-file", "--key-file")):
+        path = getattr(settings, option.attr)
         if not os.path.isfile(path):
-            raise SettingError(
-                f"{named(flag)}: {path!r} does not exist "
-                "(`make certs` writes development certificates for localhost there)"
+            hint = (
+                " (`make certs` writes development certificates for localhost there)"
+                if path == option.default
+                else ""
             )
+            raise SettingError(f"{named(option.flag)}: {path!r} does not exist{hint}")
     return settings

@@ -159,8 +159,15 @@ def configure(level: str) -> None:
 class GunicornLogger(Logger):  # type: ignore[misc]
     """gunicorn's logger without its access log. A logging config turns gunicorn's access log
     on, and it formats a line per request even when that line is then dropped: ~5% of a
-    worker's time. The webhook logs its own line per admission instead."""
+    worker's time. The webhook logs its own line per admission instead. Without its
+    "Listening at" line too: with reuse_port the master holds no socket, so the line has no
+    address (`serve` logs the address it serves on instead)."""
 
     @property
     def access_log_enabled(self) -> bool:
         return False
+
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if msg.startswith("Listening at:") and not (args and args[0]):
+            return
+        super().info(msg, *args, **kwargs)

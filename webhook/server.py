@@ -10,6 +10,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import ssl
 import tempfile
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 
 from . import logs
-from .config import ServeSettings
+from .config import ServeSettings, SettingError, named
 from .lookup import DirectorySource, LocustTestSource
 from .tls import ReloadingContext
 from .watcher import Watcher, forget_process
@@ -147,7 +148,8 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             forget_process(worker.pid)
 
         def when_ready(server: Any) -> None:
-            # gunicorn's own "Listening at" line has no address: each worker binds its socket.
+            # In place of gunicorn's "Listening at" line (logs.GunicornLogger drops it), which
+            # has no address: each worker binds its own socket.
             server.log.info(
                 "serving HTTPS on %s port %d: %d workers of %d threads",
                 s.host, s.port, s.workers, s.threads,
@@ -191,10 +193,29 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         return build_app(self.settings, self.source)
 
 
+def check_address(host: str, port: int) -> None:
+    """Raise SettingError unless `host` port `port` can be listened on. The workers each bind
+    it with SO_REUSEPORT: on a port another program holds they would fail and be restarted
+    forever, and on one another `serve` holds they would share its connections without a word.
+    A probe without SO_REUSEPORT is refused in both cases (with SO_REUSEADDR, so that the
+    TIME_WAIT connections of a server just stopped do not count)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f"{named('--host')}/{named('--port')}"
+        raise SettingError(f"{where}: cannot listen on {host} port {port}: {reason}") from None
+
+
 def serve(settings: ServeSettings) -> None:
     """Run until SIGTERM/SIGINT; in-flight admissions get `graceful_timeout` to finish.
 
-    Raises SourceUnavailable when LocustTests come from a cluster that cannot be reached."""
+    Raises SettingError when the address cannot be listened on, SourceUnavailable when
+    LocustTests come from a cluster that cannot be reached."""
+    check_address(settings.host, settings.port)
     if settings.locusttests:
         WebhookServer(settings).run()
         return
