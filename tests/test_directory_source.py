@@ -126,6 +126,33 @@ def test_the_pods_of_an_invalid_locusttest_are_told_why_and_required_still_holds
     assert f"invalid LocustTest default/broken in {tmp_path / 'a.yaml'}" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "otel",
+    [{"enabled": "yes"}, {"enabled": 1}, {"enabled": True, "insecure": "true"}],
+    ids=["enabled yes", "enabled 1", "insecure as a string"],
+)
+def test_switches_that_are_not_booleans_make_a_locusttest_invalid(
+    tmp_path: Path, otel: dict[str, object]
+) -> None:
+    """The CRD's schema makes them booleans; read otherwise they silently meant false."""
+    write_all(
+        tmp_path,
+        "a.yaml",
+        [
+            locusttest("odd", otel=otel),
+            locusttest(
+                "null", otel={"enabled": True, "endpoint": "http://c:4317", "insecure": None}
+            ),
+        ],
+    )
+    source = DirectorySource(tmp_path)
+    odd = source.get("default", "odd")
+    assert odd is not None
+    assert odd.problem == "spec.observability.openTelemetry enabled/insecure must be true or false"
+    null = source.get("default", "null")  # null: not set, as the API server prunes it
+    assert null is not None and null.problem == "" and null.otel_enabled
+
+
 def test_an_edit_that_keeps_the_file_size_is_reloaded(tmp_path: Path) -> None:
     path = tmp_path / "a.yaml"
     write_all(tmp_path, "a.yaml", [locusttest("demo", otel={"enabled": True, "endpoint": GRPC})])

@@ -136,6 +136,17 @@ def test_locust_arguments_mark_the_locust_container() -> None:
     assert m.result.container == "demo-worker"
 
 
+def test_a_short_f_flag_alone_does_not_mark_a_locust_container() -> None:
+    """`-f` is Locust's --locustfile, and also `tail -f`'s: a log shipper listed first is
+    not the Locust container."""
+    pod = operator_pod("demo", "worker")
+    pod["metadata"]["labels"].pop("performance-test-pod-name")
+    shipper = {"name": "log-shipper", "image": "busybox:1.36", "command": ["tail", "-f", "/x"]}
+    pod["spec"]["containers"].insert(0, shipper)
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.result.container == "demo-worker"
+
+
 def test_locust_exporter_image_is_not_a_locust_image() -> None:
     pod = operator_pod("demo", "worker", image="example.com/load:1")
     pod["metadata"]["labels"].pop("performance-test-pod-name")
@@ -653,6 +664,36 @@ def test_otel_setting_the_pod_sets_literally_is_judged_as_set(
         assert warnings == []
     else:
         assert len(warnings) == 1 and warned in warnings[0], warnings
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "warned"), [("true", "false", True), ("false", "true", False)]
+)
+def test_a_variable_the_pod_defines_twice_is_judged_by_its_last_value(
+    first: str, last: str, warned: bool
+) -> None:
+    """The kubelet sets a name defined twice to its last value (the API server warns that it
+    hides the previous one)."""
+    own = [{"name": "OTEL_EXPORTER_OTLP_INSECURE", "value": v} for v in (first, last)]
+    test = locusttest("demo", otel={"enabled": True, "endpoint": "http://otel:4317"})
+    warnings = run_mutation(operator_pod("demo", "worker", env=own), test).result.warnings
+    if warned:
+        assert len(warnings) == 1 and "TLS" in warnings[0], warnings
+    else:
+        assert warnings == []
+
+
+def test_the_last_of_twice_defined_variables_names_the_service_and_the_web_port() -> None:
+    attributes = [
+        {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": f"service.name={name}"}
+        for name in ("hidden", "shown")
+    ]
+    test = locusttest("demo", otel=otel())
+    m = run_mutation(operator_pod("demo", "worker", env=attributes), test)
+    assert m.env_value("OTEL_SERVICE_NAME") == "shown"
+    ports = [{"name": "LOCUST_WEB_PORT", "value": port} for port in ("8090", "8091")]
+    m = run_mutation(operator_pod("demo", "master", env=ports), locusttest("demo"))
+    assert m.pod["spec"]["initContainers"][0]["env"][0]["value"] == "http://localhost:8091"
 
 
 @pytest.mark.parametrize("where", ["extraEnvVars", "pod"])

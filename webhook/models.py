@@ -69,6 +69,11 @@ def parse_otel(observability: Any) -> OtelSpec | None:
         raise InvalidLocustTest(
             "spec.observability.openTelemetry endpoint/protocol must be strings"
         )
+    switches = (otel.get("enabled"), otel.get("insecure"))
+    if any(value is not None and not isinstance(value, bool) for value in switches):
+        raise InvalidLocustTest(
+            "spec.observability.openTelemetry enabled/insecure must be true or false"
+        )
     return _shared(
         OtelSpec(
             enabled=otel.get("enabled") is True,

@@ -188,8 +188,8 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
     assert test.otel is not None
     spec = test.otel
     extra = dict(spec.extra_env)
-    # The first entry of a name, as env_value reads it.
-    own = {entry["name"]: entry for entry in reversed(container.get("env") or ())}
+    # The last entry of a name, as the kubelet (and env_value) reads it.
+    own = {entry["name"]: entry for entry in container.get("env") or ()}
     attributes = _effective(own, extra, RESOURCE_ATTRIBUTES, None)
     endpoint: Setting = UNKNOWN
     protocol: Setting = UNKNOWN

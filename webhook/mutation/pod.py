@@ -29,7 +29,8 @@ SHELL_OPTIONS_WITH_VALUE = frozenset({"-o", "+o", "-O", "+O", "--rcfile", "--ini
 ENV_FLAGS = frozenset({"-i", "--ignore-environment", "-"})
 PROXY_NAMES = frozenset({"istio-proxy", "linkerd-proxy", "envoy", "envoy-sidecar"})
 PROXY_IMAGES = ("proxyv2", "linkerd2-proxy", "envoyproxy/envoy")
-LOCUST_FLAGS = frozenset({"-f", "--locustfile", "--master", "--worker"})
+# Locust's own long flags: `-f` (--locustfile) is too common elsewhere (`tail -f`) to tell.
+LOCUST_FLAGS = frozenset({"--locustfile", "--master", "--worker"})
 
 
 class MalformedPod(ValueError):
@@ -210,8 +211,9 @@ def _flag_value(words: list[str], flag: str) -> str | None:
 
 
 def env_value(container: Container, name: str) -> str | None:
-    """The literal value of an env var the container defines ('' for valueFrom), else None."""
-    for entry in container.get("env") or ():
+    """The literal value of an env var the container defines ('' for valueFrom), else None.
+    A name defined twice has its last value, as the kubelet sets it."""
+    for entry in reversed(container.get("env") or ()):
         if entry["name"] == name:
             value = entry.get("value")
             return value if isinstance(value, str) else ""
