@@ -372,3 +372,22 @@ def test_termination_grace_outlasts_prestop_pause_and_graceful_timeout(overlay: 
 
     grace = webhook_pod(objects)["spec"]["terminationGracePeriodSeconds"]
     assert grace > float(pause[1]) + graceful
+
+
+def test_the_readme_network_policy_admits_the_api_server_to_the_webhook_pods() -> None:
+    """The README's NetworkPolicy example (the manifests ship none) selects the webhook's pods,
+    opens the port they serve on, and is a valid object."""
+    readme = (ROOT / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", readme, re.S) if "NetworkPolicy" in b]
+    policy = yaml.safe_load(block)
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(policy, version, strict=True)
+    objects = render("certgen")
+    deployment = only(objects, "Deployment", "locust-webhook")
+    assert policy["metadata"]["namespace"] == deployment["metadata"]["namespace"]
+    selected = policy["spec"]["podSelector"]["matchLabels"].items()
+    assert selected <= webhook_pod(objects)["metadata"]["labels"].items()
+    [rule] = policy["spec"]["ingress"]
+    container = webhook_container(objects)
+    assert [p["port"] for p in rule["ports"]] == [port_number(container, "https")]
+    assert int(setting(container, "--port")) == port_number(container, "https")

@@ -134,6 +134,17 @@ def test_an_invalid_locusttest_is_its_own_reason_under_either_policy(
     assert response["allowed"] is (policy == "open")
 
 
+def test_names_longer_than_kubernetes_allows_are_cut_in_the_admission_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    pod = operator_pod("t" * 1000, "master")
+    pod["metadata"]["generateName"] = "p" * 100_000
+    response, line = admission_line(monkeypatch, Handler(Source(), MutationSettings()), pod)
+    assert response["allowed"] is True
+    assert (line["pod"], line["locusttest"]) == ("p" * 253, "t" * 253)
+
+
 def test_a_pod_name_that_is_not_a_string_is_answered_and_logged_without_it(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -46,6 +46,24 @@ def test_an_empty_uid_is_refused_with_400(client: FlaskClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("field", "longest", "error"),
+    [
+        ("uid", 128, "request.uid is longer than 128 characters"),
+        ("namespace", 63, "request.namespace is longer than a namespace name (63)"),
+    ],
+)
+def test_a_uid_or_namespace_longer_than_any_real_one_is_refused_with_400(
+    client: FlaskClient, field: str, longest: int, error: str
+) -> None:
+    """Every admission line carries both: a 4 MB uid made 4 MB log lines."""
+    document = review(operator_pod("demo", "worker"))
+    document["request"][field] = "a" * longest
+    assert post(client, document)[0] == 200
+    document["request"][field] = "a" * (longest + 1)
+    assert post(client, document) == (400, {"error": error})
+
+
+@pytest.mark.parametrize(
     "kind",
     [
         {"group": "example.com", "version": "v1", "kind": "Pod"},

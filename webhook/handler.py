@@ -83,8 +83,10 @@ class Handler:
             {
                 "uid": review.uid,
                 "namespace": review.namespace,
-                "pod": pod_name if isinstance(pod_name, str) else "",
-                "locusttest": result.test,
+                # Names are at most 253 characters: longer ones (no API server sends them)
+                # are cut, so that a line stays one pipe write.
+                "pod": pod_name[:253] if isinstance(pod_name, str) else "",
+                "locusttest": result.test[:253],
                 "role": result.role,
                 "outcome": result.outcome,
                 "reason": result.reason,

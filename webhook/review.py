@@ -13,6 +13,10 @@ API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
 
 
+MAX_UID = 128
+MAX_NAMESPACE = 63  # a DNS label
+
+
 class BadReview(ValueError):
     """The body is not an AdmissionReview we can answer: the caller's fault (HTTP 400)."""
 
@@ -95,12 +99,17 @@ def parse_review(body: bytes) -> Review:
     uid = request.get("uid")
     if not isinstance(uid, str) or not uid:
         raise BadReview("request.uid is missing")
+    if len(uid) > MAX_UID:  # the API server's are UUIDs; every log line carries it
+        raise BadReview(f"request.uid is longer than {MAX_UID} characters")
+    namespace = _field(request, "namespace", str, "")
+    if len(namespace) > MAX_NAMESPACE:
+        raise BadReview(f"request.namespace is longer than a namespace name ({MAX_NAMESPACE})")
     return Review(
         api_version=api_version,
         uid=uid,
         kind=_field(request, "kind", dict, {}),
         operation=_field(request, "operation", str, ""),
-        namespace=_field(request, "namespace", str, ""),
+        namespace=namespace,
         sub_resource=_field(request, "subResource", str, ""),
         dry_run=_field(request, "dryRun", bool, False),
         object=request.get("object"),
