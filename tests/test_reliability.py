@@ -738,6 +738,55 @@ def test_stalled_and_trickling_clients_do_not_block_others(
             sock.close()
 
 
+def silent(server: Server) -> socket.socket:
+    """A TCP connection that never sends a byte (not even a TLS ClientHello)."""
+    return socket.create_connection(("127.0.0.1", server.port), timeout=30)
+
+
+def test_silent_connections_take_no_thread_and_are_closed_after_the_budget(
+    healthy: Server, reliability: Recorder
+) -> None:
+    """gunicorn's gthread gave each new connection a thread to wait up to 5 s for its first
+    bytes: three times as many silent connections as threads made an admission wait ~15 s."""
+    pod = operator_pod("abuse", "worker")
+    quiet = [silent(healthy) for _ in range(3 * WORKERS * WORKER_THREADS)]
+    try:
+        opened = time.monotonic()
+        for _ in range(5):
+            took, response = timed_admit(healthy, pod)
+            assert is_patched(response)
+            assert took < 1.0, f"an admission waited {took:.2f} s behind silent connections"
+        for sock in quiet:
+            assert read_until_closed(sock, limit=REQUEST_READ_BUDGET + 2 + MARGIN) == b""
+        closed_after = time.monotonic() - opened
+        assert closed_after < REQUEST_READ_BUDGET + 2 + MARGIN, closed_after
+        reliability.add(len(quiet) + 5, 0)
+    finally:
+        for sock in quiet:
+            sock.close()
+
+
+def test_silent_connections_past_the_connection_limit_do_not_lock_out_new_clients(
+    healthy: Server, reliability: Recorder
+) -> None:
+    """gunicorn's limit is 1,000 connections a worker (`worker_connections`): ~2,000 silent
+    ones stopped the pod accepting, so that even /healthz timed out. At the limit the one that
+    has waited longest for its first bytes makes room."""
+    pod = operator_pod("abuse", "worker")
+    quiet: list[socket.socket] = []
+    try:
+        for _ in range(WORKERS * 1000 + 200):
+            quiet.append(silent(healthy))
+        for _ in range(5):
+            took, response = timed_admit(healthy, pod)
+            assert is_patched(response)
+            assert took < 2.0, f"an admission waited {took:.2f} s behind a full server"
+        reliability.add(5, 0)
+    finally:
+        for sock in quiet:
+            sock.close()
+
+
 def test_clients_that_never_close_hold_up_no_one(healthy: Server, reliability: Recorder) -> None:
     """Clients that ask for `Connection: close`, get their answer and keep the socket open:
     gunicorn's closing drain waits for them on the worker's main loop, briefly (LINGER_IDLE)."""

@@ -6,21 +6,28 @@ calls in every worker after the fork: nothing starts at import.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gc
 import logging
 import os
+import selectors
 import signal
 import socket
 import ssl
 import tempfile
+import time
+from collections import deque
+from functools import partial
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from . import logs
 from .config import ServeSettings, SettingError, named
 from .lookup import DirectorySource, LocustTestSource
-from .tls import ReloadingContext
+from .tls import REQUEST_READ_BUDGET, ReloadingContext
 from .watcher import Watcher, forget_process
 
 log = logging.getLogger(__name__)
@@ -111,6 +118,45 @@ def build_app(settings: ServeSettings, source: LocustTestSource) -> Any:
     return create_app(handler, source, settings.max_body_bytes)
 
 
+class WebhookWorker(ThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker, except for connections that have sent nothing yet.
+
+    gunicorn hands a new connection to a thread, which waits up to 5 s for its first bytes, and
+    then keeps a silent one open for `keepalive` (120 s) among the worker's 1,000 connections:
+    a few dozen silent connections held up every admission, and ~2,000 to a pod stopped it
+    accepting until they timed out. Here a new connection waits in the worker's poller, taking
+    no thread, until it sends something, and is closed if that takes longer than the read
+    budget. At the connection limit the connection that has waited longest for its first bytes,
+    else the one idle longest between requests, is closed to make room for the new one."""
+
+    def accept(self, listener: Any) -> None:
+        try:
+            sock, client = listener.accept()
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                return
+            raise
+        self.nr_conns += 1
+        conn = TConn(self.cfg, sock, client, listener.getsockname())  # non-blocking
+        conn.timeout = time.monotonic() + REQUEST_READ_BUDGET
+        self.pending_conns.append(conn)  # gunicorn's own: read when readable, closed on timeout
+        readable = partial(self.on_pending_socket_readable, conn)
+        self.poller.register(sock, selectors.EVENT_READ, readable)
+        if self.nr_conns >= self.worker_connections:
+            self._make_room(conn)
+
+    def _make_room(self, new: TConn) -> None:
+        waiting: deque[TConn]
+        for waiting in (self.pending_conns, self.keepalived_conns):
+            if waiting and waiting[0] is not new:
+                oldest = waiting.popleft()
+                with contextlib.suppress(OSError, KeyError, ValueError):
+                    self.poller.unregister(oldest.sock)
+                self.nr_conns -= 1
+                oldest.close()
+                return
+
+
 class WebhookServer(BaseApplication):  # type: ignore[misc]
     """gunicorn configured for the API server's traffic (SPEC section 8)."""
 
@@ -157,7 +203,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
 
         options = {
             "bind": f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}",
-            "worker_class": "gthread",
+            "worker_class": f"{__name__}.WebhookWorker",
             "workers": s.workers,
             "threads": s.threads,
             "keepalive": s.keepalive,
