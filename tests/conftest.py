@@ -17,7 +17,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from webhook.config import MUTATION_OPTIONS, SERVE_OPTIONS, MutationSettings, add_options
-from webhook.models import LocustTestInfo, parse_locusttest, read_locusttest
+from webhook.models import LocustTestInfo, parse_locusttest
 from webhook.mutation import MutationResult, mutate
 from webhook.patch import diff
 
@@ -98,7 +98,7 @@ class Source:
             self.put(test)
 
     def put(self, test: dict[str, Any]) -> None:
-        info = read_locusttest(test)  # as the real sources keep them
+        info = parse_locusttest(test)
         self.tests[(info.namespace, info.name)] = info
 
     def start(self) -> None:

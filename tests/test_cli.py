@@ -251,6 +251,14 @@ def test_inject_refuses_other_kinds(tmp_path: Path) -> None:
     assert "expected a Pod or a Job, got an object without a kind" in done.stderr
 
 
+def test_inject_refuses_a_locusttest_it_cannot_read(tmp_path: Path) -> None:
+    broken = locusttest("demo", otel={"enabled": True, "extraEnvVars": ["A=1"]})
+    done = run_inject(tmp_path, operator_pod("demo", "worker"), broken)
+    assert done.returncode == 2
+    assert "spec.observability.openTelemetry.extraEnvVars is not an object" in done.stderr
+    assert done.stdout == ""
+
+
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 

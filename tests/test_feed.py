@@ -22,7 +22,7 @@ from webhook import feed
 from webhook.cache import ClusterSource
 from webhook.feed import FeedServer, FeedSource
 from webhook.lookup import SourceUnavailable
-from webhook.models import from_wire, read_locusttest, to_wire
+from webhook.models import from_wire, parse_locusttest, to_wire
 
 
 class InThreadWatcher:
@@ -97,7 +97,7 @@ def test_wire_records_survive_json_and_share_specs_like_a_parse() -> None:
     v1 = {"apiVersion": "locust.io/v1", "kind": "LocustTest", "metadata": {"name": "old"}}
     invalid = {**test, "spec": {"observability": "on"}}
     for obj in (test, v1, invalid):
-        info = read_locusttest(obj)
+        info = parse_locusttest(obj)
         copy = from_wire(orjson.loads(orjson.dumps(to_wire(info))))
         assert copy == info
         assert copy.otel is info.otel  # one OtelSpec per distinct setting, as in the cache

@@ -17,7 +17,7 @@ from kubernetes import client, config, watch
 
 from . import metrics
 from .lookup import Backoff, SourceUnavailable
-from .models import InvalidLocustTest, LocustTestInfo, read_locusttest
+from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +430,7 @@ def _parse(obj: Any) -> LocustTestInfo | None:
     """The LocustTest as kept (an invalid one with its `problem`, logged), None without a
     name."""
     try:
-        info = read_locusttest(obj)
+        info = parse_locusttest(obj)
     except InvalidLocustTest as exc:
         log.warning("skipping a LocustTest without a name: %s", exc)
         return None

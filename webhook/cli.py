@@ -86,9 +86,12 @@ def _pick_locusttest(path: str, wanted: str | None) -> Any:
         raise UsageError(f"{path} holds no LocustTest")
     chosen = next((t for t in tests if (t.get("metadata") or {}).get("name") == wanted), tests[0])
     try:
-        return parse_locusttest(chosen)
+        test = parse_locusttest(chosen)
     except InvalidLocustTest as exc:
         raise UsageError(f"{path}: {exc}") from None
+    if test.problem:
+        raise UsageError(f"{path}: {test.problem}")
+    return test
 
 
 def run_inject(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import yaml
 
-from .models import InvalidLocustTest, LocustTestInfo, read_locusttest
+from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
 
 log = logging.getLogger(__name__)
 # libyaml's loader when PyYAML was built with it: 10x faster on directories of many tests.
@@ -75,7 +75,7 @@ def _load_dir(directory: Path) -> dict[tuple[str, str], LocustTestInfo]:
             if not isinstance(doc, dict) or doc.get("kind") != "LocustTest":
                 continue
             try:
-                info = read_locusttest(doc)
+                info = parse_locusttest(doc)
             except InvalidLocustTest as exc:
                 log.warning("skipping a LocustTest in %s: %s", path, exc)
                 continue

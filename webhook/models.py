@@ -38,7 +38,7 @@ class LocustTestInfo:
     required: bool
     otel: OtelSpec | None
     # Why the rest of the LocustTest cannot be read ('' when it can): its pods are then told so
-    # instead of being mutated, and `required` still holds (see read_locusttest).
+    # instead of being mutated, and `required` still holds (see parse_locusttest).
     problem: str = ""
 
     @property
@@ -99,51 +99,35 @@ _SPECS: weakref.WeakValueDictionary[tuple[Any, ...], OtelSpec] = weakref.WeakVal
 
 
 def parse_locusttest(obj: Any, default_namespace: str = "default") -> LocustTestInfo:
-    """A LocustTest object (v1 or v2, from the API or a YAML file) as LocustTestInfo."""
+    """A LocustTest object (v1 or v2, from the API or a YAML file) as LocustTestInfo. One with
+    a name whose rest cannot be read comes back with `problem` saying why (and `required` as
+    far as it can be read), so that its pods are told it is invalid rather than missing.
+
+    Raises InvalidLocustTest only when the object has no name to keep it under."""
     if not isinstance(obj, dict):
         raise InvalidLocustTest("a LocustTest must be an object")
     metadata = _as_dict(obj.get("metadata"), "metadata")
     name = metadata.get("name")
     if not isinstance(name, str) or not name:
         raise InvalidLocustTest("metadata.name is missing")
-    namespace = metadata.get("namespace") or default_namespace
-    api_version = obj.get("apiVersion") or ""
-    annotations = _as_dict(metadata.get("annotations"), "metadata.annotations")
-    otel = None
-    if str(api_version).endswith("/v2"):
-        otel = parse_otel(_as_dict(obj.get("spec"), "spec").get("observability"))
+    api_version = str(obj.get("apiVersion") or "")
+    annotations = metadata.get("annotations")
+    otel, problem = None, ""
+    try:
+        _as_dict(annotations, "metadata.annotations")
+        if api_version.endswith("/v2"):
+            otel = parse_otel(_as_dict(obj.get("spec"), "spec").get("observability"))
+    except InvalidLocustTest as exc:
+        problem = str(exc)
     # Thousands of tests share a few namespaces and versions: keep one copy of each string.
     return LocustTestInfo(
-        namespace=sys.intern(str(namespace)),
+        namespace=sys.intern(str(metadata.get("namespace") or default_namespace)),
         name=name,
-        api_version=sys.intern(str(api_version)),
-        required=annotations.get(REQUIRED_ANNOTATION) == "true",
+        api_version=sys.intern(api_version),
+        required=isinstance(annotations, dict) and annotations.get(REQUIRED_ANNOTATION) == "true",
         otel=otel,
+        problem=problem,
     )
-
-
-def read_locusttest(obj: Any, default_namespace: str = "default") -> LocustTestInfo:
-    """What the sources keep of a LocustTest: `parse_locusttest`'s answer, or, for one with a
-    name whose rest cannot be read, a LocustTestInfo that says why (`problem`), so that its pods
-    are told it is invalid rather than missing. Raises InvalidLocustTest only without a name."""
-    try:
-        return parse_locusttest(obj, default_namespace)
-    except InvalidLocustTest as exc:
-        metadata = obj.get("metadata") if isinstance(obj, dict) else None
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str):
-            raise
-        name, annotations = metadata["name"], metadata.get("annotations")
-        if not name:
-            raise
-        return LocustTestInfo(
-            namespace=sys.intern(str(metadata.get("namespace") or default_namespace)),
-            name=name,
-            api_version=sys.intern(str(obj.get("apiVersion") or "")),
-            required=isinstance(annotations, dict)
-            and annotations.get(REQUIRED_ANNOTATION) == "true",
-            otel=None,
-            problem=str(exc),
-        )
 
 
 # The watcher process sends LocustTestInfo to the workers as JSON arrays (see webhook.feed).
