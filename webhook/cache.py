@@ -414,8 +414,7 @@ class ClusterSource:
         if info is not None:
             key = (info.namespace, info.name)
             self._views[scope.namespace][key] = info
-        elif kind in ("ADDED", "MODIFIED", "DELETED"):
-            # Deleted: its last version no longer holds.
+        elif kind == "DELETED":  # (an ADDED or MODIFIED object without a name is skipped)
             metadata = obj.get("metadata") or {}
             key = (metadata.get("namespace") or "", metadata.get("name") or "")
             self._views[scope.namespace].pop(key, None)
