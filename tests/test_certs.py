@@ -671,3 +671,34 @@ def test_a_missing_webhook_configuration_fails_without_writing(
         # Only a conflict is worth starting over for.
         assert len([r for r in fake.requests if "mutatingwebhookconfigurations" in r.path]) == 1
     assert "404" in capsys.readouterr().err
+
+
+def test_a_kubeconfig_that_does_not_exist_is_refused_naming_the_flag(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here"
+    with pytest.raises(SettingError, match=rf"--kubeconfig .*: no kubeconfig at {missing}$"):
+        certs("--secret", "tls", "--webhook-config", "w", "--kubeconfig", str(missing))
+
+
+def test_an_unreachable_api_fails_naming_its_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with socket.socket() as held:  # a port nothing listens on: connections are refused
+        held.bind(("127.0.0.1", 0))
+        server = f"https://127.0.0.1:{held.getsockname()[1]}"
+        kubeconfig = tmp_path / "config"
+        kubeconfig.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [{"name": "c", "cluster": {"server": server}}],
+                    "users": [{"name": "u", "user": {"token": "t"}}],
+                    "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+                    "current-context": "x",
+                }
+            )
+        )
+        assert (
+            certs("--secret", "tls", "--webhook-config", "w", "--kubeconfig", str(kubeconfig)) == 1
+        )
+    assert f"cannot reach the Kubernetes API at {server}: " in capsys.readouterr().err

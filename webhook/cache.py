@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import random
 import threading
 import time
@@ -13,9 +12,9 @@ from typing import Any, Protocol
 
 import orjson
 import urllib3
-from kubernetes import client, config, watch
+from kubernetes import client, watch
 
-from . import metrics
+from . import kube, metrics
 from .lookup import Backoff, SourceUnavailable
 from .models import InvalidLocustTest, LocustTestInfo, parse_locusttest
 
@@ -114,30 +113,10 @@ class ClusterSource:
         listener: Listener | None = None,
     ) -> ClusterSource:
         """A source using the in-cluster service account, else KUBECONFIG or ~/.kube/config."""
-        if os.environ.get("KUBERNETES_SERVICE_HOST"):
-            configuration = client.Configuration()
-            try:
-                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            except config.ConfigException as exc:
-                raise SourceUnavailable(
-                    "cannot use the in-cluster configuration "
-                    f"(KUBERNETES_SERVICE_HOST is set): {exc}"
-                ) from exc
-            return cls(
-                client.ApiClient(configuration), namespaces, lookup_timeout, listener=listener
-            )
-        kubeconfig = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-        paths = [p for p in kubeconfig.split(os.pathsep) if p]
-        if not any(os.path.exists(p) for p in paths):
-            raise SourceUnavailable(
-                "no Kubernetes API configuration: not running in a cluster "
-                f"(KUBERNETES_SERVICE_HOST unset) and no kubeconfig at {kubeconfig} "
-                "(set KUBECONFIG, or use --locusttests DIR)"
-            )
         try:
-            api_client = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-        except config.ConfigException as exc:
-            raise SourceUnavailable(f"cannot use kubeconfig {kubeconfig}: {exc}") from exc
+            api_client = kube.api_client()
+        except kube.NoClusterConfig as exc:
+            raise SourceUnavailable(f"{exc} (set KUBECONFIG, or use --locusttests DIR)") from exc
         return cls(api_client, namespaces, lookup_timeout, listener=listener)
 
     # -- LocustTestSource --------------------------------------------------------------------

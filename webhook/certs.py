@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .config import Option, SettingError, add_options, named
+from .config import Option, SettingError, add_options, named, resolve, text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOCAL_IPS: tuple[IPAddress, ...] = (
@@ -94,14 +94,10 @@ def _optional_name(raw: str) -> str:
     return raw
 
 
-def _text(raw: str) -> str:
-    return raw
-
-
 CERTS_OPTIONS = (
     Option("--service", "locust-webhook", _label, "name of the webhook's Service"),
     Option("--namespace", "locust-webhook", _label, "namespace of the Service and the Secret"),
-    Option("--out-dir", "", _text, "write ca.crt, ca.key, tls.crt, tls.key here (local use)"),
+    Option("--out-dir", "", text, "write ca.crt, ca.key, tls.crt, tls.key here (local use)"),
     Option("--secret", "", _optional_name, "TLS Secret to create or update (in a cluster)"),
     Option(
         "--webhook-config",
@@ -120,7 +116,7 @@ CERTS_OPTIONS = (
     Option(
         "--kubeconfig",
         "",
-        _text,
+        text,
         "kubeconfig to use (empty: in-cluster config, else KUBECONFIG / ~/.kube/config)",
     ),
 )
@@ -181,15 +177,7 @@ class CertsSettings:
 
 def certs_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> CertsSettings:
     """Settings from flags, else environment (`LOCUST_WEBHOOK_*`), else defaults; validated."""
-    values: dict[str, Any] = {}
-    for option in CERTS_OPTIONS:
-        raw = getattr(args, option.attr, None)
-        if raw is None:
-            raw = environ.get(option.env, option.default)
-        try:
-            values[option.attr] = option.parse(raw)
-        except SettingError as exc:
-            raise SettingError(f"{option.flag} ({option.env}): {exc}") from None
+    values = resolve(CERTS_OPTIONS, args, environ)
     validity = Validity(values["days"], values["ca_days"], values["renew_before_days"])
     validity.check()
     in_cluster = bool(values["secret"] or values["webhook_config"])
@@ -445,8 +433,8 @@ def _new_ca(
 
 # --- local files ----------------------------------------------------------------------------
 
+# The files' names, and the Secret's keys.
 FILES = {"ca_bundle": "ca.crt", "ca_key": "ca.key", "tls_crt": "tls.crt", "tls_key": "tls.key"}
-SECRET_KEYS = FILES  # the Secret uses the same names as the files
 
 
 def read_dir(directory: str) -> Material | None:
@@ -527,13 +515,13 @@ def _b64(data: bytes) -> str:
 def material_from_secret(secret: Mapping[str, Any]) -> Material | None:
     """The material stored in a Secret's data; None when it holds none of the keys."""
     data = secret.get("data") or {}
-    found = {attr: base64.b64decode(data.get(key, "")) for attr, key in SECRET_KEYS.items()}
+    found = {attr: base64.b64decode(data.get(key, "")) for attr, key in FILES.items()}
     return Material(**found) if any(found.values()) else None
 
 
 def secret_data(material: Material) -> dict[str, str]:
     """The Secret's data for the material (base64, as the API wants it)."""
-    return {key: _b64(getattr(material, attr)) for attr, key in SECRET_KEYS.items()}
+    return {key: _b64(getattr(material, attr)) for attr, key in FILES.items()}
 
 
 def ca_bundle_certificates(config: Mapping[str, Any]) -> list[x509.Certificate]:
@@ -668,20 +656,6 @@ def _new_secret(settings: CertsSettings, material: Material) -> dict[str, Any]:
     }
 
 
-def api_client(kubeconfig: str) -> Any:
-    """A client from the pod's service account, else from the kubeconfig."""
-    from kubernetes import client, config
-
-    if not kubeconfig:
-        configuration = client.Configuration()
-        try:
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-            return client.ApiClient(configuration)
-        except config.ConfigException:
-            pass  # not in a pod: fall back to the kubeconfig
-    return config.new_client_from_config(config_file=kubeconfig or None)  # type: ignore[no-untyped-call]
-
-
 def _with_conflict_retries(action: Callable[[], list[str]]) -> list[str]:
     from kubernetes.client import ApiException
 
@@ -707,13 +681,27 @@ def run(args: argparse.Namespace) -> int:
         messages = reconcile_dir(settings.out_dir, settings.names, settings.validity, now)
     else:
         from kubernetes.client import ApiException
+        from urllib3.exceptions import HTTPError
+
+        from .kube import NoClusterConfig, api_client
 
         try:
-            with api_client(settings.kubeconfig) as client:
+            client = api_client(settings.kubeconfig)
+        except NoClusterConfig as exc:
+            raise SettingError(f"{named('--kubeconfig')}: {exc}") from None
+        try:
+            with client:
                 cluster = Cluster(client)
                 messages = _with_conflict_retries(lambda: reconcile_cluster(cluster, settings, now))
         except ApiException as exc:
             print(f"locust-webhook certs: {exc.status} {exc.reason}: {exc.body}", file=sys.stderr)
+            return 1
+        except (HTTPError, OSError) as exc:
+            host = client.configuration.host
+            print(
+                f"locust-webhook certs: cannot reach the Kubernetes API at {host}: {exc}",
+                file=sys.stderr,
+            )
             return 1
     for message in messages:
         print(f"certs: {message}")

@@ -61,7 +61,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except CertificateError as exc:
             raise UsageError(f"{named('--cert-file')}/{named('--key-file')}: {exc}") from None
         except SourceUnavailable as exc:
-            raise UsageError(f"{named('--locusttests')} is empty and {exc}") from None
+            where = f"cannot watch LocustTests in the cluster ({named('--locusttests')} is empty)"
+            raise UsageError(f"{where}: {exc}") from None
     return 0
 
 
@@ -84,7 +85,7 @@ def _pick_locusttest(path: str, wanted: str | None) -> Any:
     ]
     if not tests:
         raise UsageError(f"{path} holds no LocustTest")
-    chosen = next((t for t in tests if (t.get("metadata") or {}).get("name") == wanted), tests[0])
+    chosen = next((t for t in tests if _mapping(t.get("metadata")).get("name") == wanted), tests[0])
     try:
         test = parse_locusttest(chosen)
     except InvalidLocustTest as exc:
@@ -92,6 +93,11 @@ def _pick_locusttest(path: str, wanted: str | None) -> Any:
     if test.problem:
         raise UsageError(f"{path}: {test.problem}")
     return test
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A field that should hold an object: {} when it holds anything else."""
+    return value if isinstance(value, dict) else {}
 
 
 def run_inject(args: argparse.Namespace) -> int:
@@ -109,22 +115,24 @@ def run_inject(args: argparse.Namespace) -> int:
     pod: Any = obj
     prefix = ""
     if kind == "Job":
-        pod, prefix = (obj.get("spec") or {}).get("template"), "/spec/template"
+        pod, prefix = _mapping(obj.get("spec")).get("template"), "/spec/template"
         if not isinstance(pod, dict):
             raise UsageError("the Job has no spec.template")
     elif kind != "Pod":
         got = "an object without a kind" if kind is None else f"kind {kind!r}"
         raise UsageError(f"{args.file}: expected a Pod or a Job, got {got}")
-    label = ((pod.get("metadata") or {}).get("labels") or {}).get(TEST_NAME_LABEL)
+    labels = _mapping(_mapping(pod.get("metadata")).get("labels"))
+    label = labels.get(TEST_NAME_LABEL)
     test = _pick_locusttest(args.locusttest, label)
     err: TextIO = sys.stderr
     if label != test.name:
-        print(
-            f"warning: the pod's {TEST_NAME_LABEL} label is {label!r}, not {test.name!r}; "
-            "the server would not use this LocustTest",
-            file=err,
+        found = (
+            f" has no {TEST_NAME_LABEL} label"
+            if label is None
+            else f"'s {TEST_NAME_LABEL} label is {label!r}, not {test.name!r}"
         )
-    namespace = args.namespace or obj.get("metadata", {}).get("namespace") or test.namespace
+        print(f"warning: the pod{found}; the server would not use LocustTest {test.name}", file=err)
+    namespace = args.namespace or _mapping(obj.get("metadata")).get("namespace") or test.namespace
     try:
         result = mutate(pod, test, namespace, settings)
     except (MalformedPod, NoTarget) as exc:
@@ -150,7 +158,6 @@ def build_parser(with_certs: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="locust-webhook",
         description="Admission webhook that gives Locust load tests their observability.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

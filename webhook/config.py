@@ -42,7 +42,7 @@ def _seconds(raw: str) -> float:
     except ValueError:
         raise SettingError(f"must be a number of seconds, got {raw!r}") from None
     if not 0 < value <= 3600:
-        raise SettingError(f"must be between 0 and 3600 seconds, got {value}")
+        raise SettingError(f"must be more than 0 and at most 3600 seconds, got {raw!r}")
     return value
 
 
@@ -84,7 +84,8 @@ def _namespaces(raw: str) -> tuple[str, ...]:
     return names
 
 
-def _text(raw: str) -> str:
+def text(raw: str) -> str:
+    """A setting taken as it is."""
     return raw
 
 
@@ -100,7 +101,6 @@ class Option:
     default: str
     parse: Callable[[str], Any]
     help: str
-    choices: Sequence[str] | None = None
 
     @property
     def attr(self) -> str:
@@ -133,7 +133,6 @@ MUTATION_OPTIONS = (
         _choice("native", "container"),
         "how the exporter sidecar is added: native (init container with restartPolicy "
         "Always, Kubernetes >= 1.29) or container (plain container, older clusters)",
-        ("native", "container"),
     ),
     Option(
         "--exporter-image",
@@ -152,7 +151,6 @@ MUTATION_OPTIONS = (
         "IfNotPresent",
         _choice("Always", "IfNotPresent", "Never"),
         "imagePullPolicy of the exporter sidecar",
-        ("Always", "IfNotPresent", "Never"),
     ),
     Option("--exporter-cpu-request", "10m", _quantity, "CPU request of the exporter sidecar"),
     Option(
@@ -177,9 +175,9 @@ MUTATION_OPTIONS = (
 )
 
 SERVE_OPTIONS = (
-    Option("--cert-file", "certs/tls.crt", _text, "TLS certificate (PEM), reloaded on change"),
-    Option("--key-file", "certs/tls.key", _text, "TLS private key (PEM), reloaded on change"),
-    Option("--host", "0.0.0.0", _text, "address to bind"),
+    Option("--cert-file", "certs/tls.crt", text, "TLS certificate (PEM), reloaded on change"),
+    Option("--key-file", "certs/tls.key", text, "TLS private key (PEM), reloaded on change"),
+    Option("--host", "0.0.0.0", text, "address to bind"),
     Option("--port", "8443", _positive_int(1, 65535), "HTTPS port"),
     Option("--workers", "2", _positive_int(1, 64), "gunicorn worker processes"),
     Option(
@@ -217,13 +215,14 @@ SERVE_OPTIONS = (
         "--namespaces",
         "",
         _namespaces,
-        "comma-separated namespaces whose LocustTests are watched (empty: all)",
+        "comma-separated namespaces whose LocustTests are watched (empty: all); a pod in "
+        "another namespace is answered as if its LocustTest were not found",
     ),
     Option(
         "--lookup-timeout",
         "1.5",
         _seconds,
-        "budget for the direct GET (with retries) when a LocustTest is not in the cache",
+        "seconds the direct GET (with retries) may take when a LocustTest is not in the cache",
     ),
     Option(
         "--failure-policy",
@@ -231,14 +230,12 @@ SERVE_OPTIONS = (
         _choice("open", "closed"),
         "open: admit pods unchanged (with a warning) when the LocustTest cannot be read; "
         "closed: deny them",
-        ("open", "closed"),
     ),
     Option(
         "--log-level",
         "info",
         _choice("debug", "info", "warning", "error"),
-        "log level",
-        ("debug", "info", "warning", "error"),
+        "log level: debug, info, warning or error",
     ),
 )
 
@@ -292,9 +289,11 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
         )
 
 
-def _resolve(
+def resolve(
     options: Sequence[Option], args: argparse.Namespace, environ: Mapping[str, str]
 ) -> dict[str, Any]:
+    """Each option's value, parsed: from its flag, else its variable, else its default. A bad
+    one raises SettingError naming the flag, the variable and where the value came from."""
     values: dict[str, Any] = {}
     for option in options:
         raw = getattr(args, option.attr, None)
@@ -317,7 +316,7 @@ def mutation_settings(
 ) -> MutationSettings:
     """Mutation settings from flags, else environment, else defaults."""
     env = os.environ if environ is None else environ
-    return MutationSettings(**_resolve(MUTATION_OPTIONS, args, env))
+    return MutationSettings(**resolve(MUTATION_OPTIONS, args, env))
 
 
 def serve_settings(
@@ -325,7 +324,7 @@ def serve_settings(
 ) -> ServeSettings:
     """Serve settings from flags, else environment, else defaults; validated."""
     env = os.environ if environ is None else environ
-    values = _resolve(SERVE_OPTIONS, args, env)
+    values = resolve(SERVE_OPTIONS, args, env)
     settings = ServeSettings(mutation=mutation_settings(args, env), **values)
     for option in (o for o in SERVE_OPTIONS if o.flag in ("--cert-file", "--key-file")):
         path = getattr(settings, option.attr)

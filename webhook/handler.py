@@ -33,6 +33,12 @@ log = logging.getLogger("webhook.admission")
 MEMO_SIZE = 256
 
 
+def _metadata(pod: Any) -> dict[str, Any]:
+    """The pod's metadata; {} when the pod or its metadata is not an object."""
+    metadata = pod.get("metadata") if isinstance(pod, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
 @dataclass
 class Outcome:
     """What happened to one admission, for the response, the log line and the metrics."""
@@ -74,10 +80,7 @@ class Handler:
         result = self._decide(review)
         elapsed = time.perf_counter() - started
         metrics.admitted(result.outcome, result.reason, elapsed)
-        pod = review.object if isinstance(review.object, dict) else {}
-        metadata = pod.get("metadata")
-        if not isinstance(metadata, dict):
-            metadata = {}
+        metadata = _metadata(review.object)
         pod_name = metadata.get("generateName") or metadata.get("name")
         logs.admission(
             {
@@ -110,9 +113,7 @@ class Handler:
         pod = review.object
         if not isinstance(pod, dict):
             raise BadReview("request.object must be a Pod object")
-        metadata = pod.get("metadata")
-        if not isinstance(metadata, dict):
-            metadata = {}
+        metadata = _metadata(pod)
         pod_labels = metadata.get("labels")
         test_name = pod_labels.get(TEST_NAME_LABEL) if isinstance(pod_labels, dict) else None
         if not isinstance(test_name, str) or not test_name:

@@ -10,21 +10,12 @@ import orjson
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 
-Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
-
-
 MAX_UID = 128
 MAX_NAMESPACE = 63  # a DNS label
 
 
 class BadReview(ValueError):
     """The body is not an AdmissionReview we can answer: the caller's fault (HTTP 400)."""
-
-
-class GroupVersionKind(TypedDict):
-    group: str
-    version: str
-    kind: str
 
 
 class StatusDict(TypedDict, total=False):
@@ -138,22 +129,13 @@ def patched(uid: str, patch: str, warnings: list[str] | None = None) -> Response
     return response
 
 
-def denied(
-    uid: str, message: str, code: int = 403, warnings: list[str] | None = None
-) -> ResponseDict:
+def denied(uid: str, message: str) -> ResponseDict:
     """Refuse the pod with a message the user sees."""
-    response: ResponseDict = {
+    return {
         "uid": uid,
         "allowed": False,
-        "status": {
-            "code": code,
-            "message": message,
-            "reason": "Forbidden" if code == 403 else "InternalError",
-        },
+        "status": {"code": 403, "message": message, "reason": "Forbidden"},
     }
-    if warnings:
-        response["warnings"] = warnings
-    return response
 
 
 def envelope(api_version: str, response: ResponseDict) -> bytes:

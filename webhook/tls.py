@@ -217,10 +217,6 @@ class ReloadingContext:
 
         metrics.CERT_EXPIRY.set(self._current.not_after)
 
-    @property
-    def not_after(self) -> float:
-        return self._current.not_after
-
     def context(self) -> ssl.SSLContext:
         """The context to wrap a new connection with."""
         now = time.monotonic()

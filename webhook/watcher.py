@@ -120,6 +120,12 @@ def _exit_with_parent() -> None:
     os._exit(0)
 
 
+def _report_failure(reason: str) -> int:
+    """Tell `serve` (Watcher._spawn reads this line) why the process cannot watch."""
+    print("error: " + " ".join(reason.split()), flush=True)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {__name__}")
     parser.add_argument("--socket", required=True)
@@ -137,12 +143,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level)
     try:
         feed = FeedServer(args.socket)
+    except OSError as exc:
+        return _report_failure(f"cannot listen on the feed socket {args.socket}: {exc}")
+    try:
         source = ClusterSource.from_environment(
             tuple(args.namespace), args.lookup_timeout, listener=feed
         )
     except (SourceUnavailable, OSError) as exc:
-        print("error: " + " ".join(str(exc).split()), flush=True)
-        return 2
+        return _report_failure(str(exc))
     print("ok", flush=True)
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     feed.run(source)

@@ -73,7 +73,6 @@ def _spec_env(spec: OtelSpec) -> tuple[tuple[tuple[str, str], ...], str | None]:
 
 
 def desired_env(
-    spec: OtelSpec,
     test: LocustTestInfo,
     container: Container,
     namespace: str,
@@ -82,7 +81,8 @@ def desired_env(
 ) -> list[dict[str, object]]:
     """The OTel env vars the container should end with, in SPEC order (before filtering out
     the names it already defines)."""
-    standard, user_attributes = _spec_env(spec)
+    assert test.otel is not None
+    standard, user_attributes = _spec_env(test.otel)
     wanted = dict(standard)
     if SERVICE_NAME not in wanted and env_value(container, SERVICE_NAME) is None:
         wanted[SERVICE_NAME] = _service_name(test, user_attributes, container)
@@ -128,7 +128,7 @@ def inject_otel_env(
     present = {entry["name"] for entry in container.get("env") or ()}
     missing = [
         entry
-        for entry in desired_env(test.otel, test, container, namespace, target, enrich)
+        for entry in desired_env(test, container, namespace, target, enrich)
         if entry["name"] not in present
     ]
     if not missing:
