@@ -59,6 +59,7 @@ class Server:
     ca_file: Path
     cert_dir: Path
     log_file: Path
+    admissions: int = 0  # answered through admit()
 
     @property
     def url(self) -> str:
@@ -133,6 +134,7 @@ class Server:
         assert answer["kind"] == "AdmissionReview", answer
         response: dict[str, Any] = answer["response"]
         assert response["uid"] == document["request"]["uid"], answer
+        self.admissions += 1
         return response
 
 

@@ -252,7 +252,10 @@ def test_inject_a_jobs_pod_template_from_stdin(tmp_path: Path) -> None:
     assert mutated["kind"] == "Job"
     assert "--otel" in mutated["spec"]["template"]["spec"]["containers"][0]["args"]
     patch = cli(*inject, "-o", "patch", input=json.dumps(job))
-    assert all(op["path"].startswith("/spec/template/") for op in json.loads(patch.stdout))
+    assert patch.returncode == 0, patch.stderr
+    ops = json.loads(patch.stdout)
+    assert ops and all(op["path"].startswith("/spec/template/") for op in ops)
+    assert jsonpatch.JsonPatch(ops).apply(job) == mutated
 
 
 def test_inject_refuses_other_kinds(tmp_path: Path) -> None:

@@ -290,3 +290,23 @@ def test_the_admission_line_says_whether_it_was_a_dry_run(
     pod = operator_pod("demo", "master")
     _, line = admission_line(monkeypatch, handler, pod, dry_run=dry_run)
     assert line["dry_run"] is dry_run
+
+
+@pytest.mark.parametrize(("policy", "allowed"), [("open", True), ("closed", False)])
+def test_a_pod_outside_the_watched_namespaces_gets_the_failure_policy_without_a_lookup(
+    policy: str, allowed: bool
+) -> None:
+    # The LocustTest exists: "not found" would send the user looking for the wrong thing.
+    source = BrokenSource(locusttest("t", namespace="team-c"))
+    handler = Handler(source, MutationSettings(), policy, namespaces=("team-a", "team-b"))
+    before = admissions("failed_open" if allowed else "denied", "namespace-not-watched")
+    response = admit(handler, operator_pod("t", "master"), namespace="team-c")
+    assert response["allowed"] is allowed
+    message = (
+        "LocustTest team-c/t: namespace team-c is not among the webhook's --namespaces: "
+        "observability was not injected"
+    )
+    assert (response["warnings"] if allowed else [response["status"]["message"]]) == [message]
+    assert admissions("failed_open" if allowed else "denied", "namespace-not-watched") == before + 1
+    watched = admit(handler, operator_pod("t", "master"), namespace="team-a")
+    assert "internal error while reading it" in orjson.dumps(watched).decode()  # looked up

@@ -207,12 +207,14 @@ def test_wrong_content_type_gets_415(conn: http.client.HTTPSConnection) -> None:
     assert "Content-Type must be application/json" in answer["error"]
 
 
-def test_wrong_method_gets_405(conn: http.client.HTTPSConnection) -> None:
-    conn.request("GET", "/mutate")
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "OPTIONS"])
+def test_wrong_method_gets_405(conn: http.client.HTTPSConnection, method: str) -> None:
+    conn.request(method, "/mutate")
     answer = conn.getresponse()
-    answer.read()
     assert answer.status == 405
-    assert answer.getheader("Allow") is not None and "POST" in answer.getheader("Allow", "")
+    assert answer.getheader("Allow") == "POST"
+    assert answer.getheader("Content-Type") == "application/json"
+    assert json.loads(answer.read()) == {"error": f"method {method} is not allowed on /mutate"}
 
 
 def test_unknown_path_gets_404_naming_the_admission_route(

@@ -341,6 +341,20 @@ def test_args_are_created_when_missing() -> None:
     assert {"op": "add", "path": "/spec/containers/0/args", "value": ["--otel"]} in m.patch
 
 
+def test_a_container_without_command_or_args_keeps_its_images_cmd() -> None:
+    # args alone would replace the image's CMD (its locustfile, --master...): the env switch.
+    pod = operator_pod("demo", "master")
+    container = pod["spec"]["containers"][0]
+    container.pop("args")
+    container.pop("command", None)
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert "args" not in m.container() and "command" not in m.container()
+    assert not any(op["path"].endswith("/args") for op in m.patch)
+    assert m.env_value("LOCUST_ENABLE_OPENTELEMETRY") == "true"
+    assert m.result.role == "master"
+    assert run_mutation(m.pod, locusttest("demo", otel=otel())).patch == []
+
+
 def test_existing_otel_flag_is_kept_once() -> None:
     pod = operator_pod("demo", "worker", extra_args=["--otel"])
     m = run_mutation(pod, locusttest("demo", otel=otel()))
@@ -368,6 +382,9 @@ def test_shell_wrapped_locust_gets_the_env_switch_instead_of_the_flag() -> None:
         ["env", "-i", "LANG=C.UTF-8", "bash", "-o", "pipefail", "-c"],
         ["bash", "+x", "-c"],
         ["sh", "-c", "--"],
+        ["tini", "--", "sh", "-c"],
+        ["/usr/bin/dumb-init", "--", "bash", "-ec"],
+        ["env", "-u", "HOME", "sh", "-c"],
     ],
 )
 def test_locust_behind_any_shell_c_form_gets_the_env_switch(command: list[str]) -> None:
@@ -390,6 +407,16 @@ def test_shell_script_that_shlex_cannot_split_still_gets_the_env_switch() -> Non
     m = run_mutation(pod, locusttest("demo", otel=otel()))
     assert m.container()["args"] == container["args"]
     assert m.env_value("LOCUST_ENABLE_OPENTELEMETRY") == "true"
+
+
+def test_a_shell_named_after_locust_is_one_of_its_arguments() -> None:
+    pod = operator_pod("demo", "worker")
+    container = pod["spec"]["containers"][0]
+    container["command"] = ["locust", "--tags", "sh", "-c", "--worker"]
+    container.pop("args")
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.container()["args"] == ["--otel"]
+    assert "LOCUST_ENABLE_OPENTELEMETRY" not in m.env_names()
 
 
 def test_shell_running_a_script_file_is_not_a_shell_c() -> None:
@@ -880,11 +907,10 @@ def test_env_is_appended_item_by_item_when_present() -> None:
     own = [{"name": "TARGET_HOST", "value": "https://api.example.com"}]
     m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
     env_ops = [op for op in m.patch if "/env" in op["path"]]
-    assert all(
-        op == {"op": "add", "path": "/spec/containers/0/env/-", "value": op["value"]}
-        for op in env_ops
-    )
-    assert len(env_ops) == len(m.env()) - 1
+    assert env_ops == [
+        {"op": "add", "path": "/spec/containers/0/env/-", "value": entry} for entry in m.env()[1:]
+    ]
+    assert len(env_ops) > 1
 
 
 def test_annotation_keys_are_escaped_when_annotations_exist() -> None:

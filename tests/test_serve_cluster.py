@@ -250,7 +250,7 @@ def test_sigterm_stops_the_watcher_and_removes_its_socket(api: FakeKubeAPI, tmp_
 def test_namespaces_are_listed_and_watched_alone(api: FakeKubeAPI, tmp_path: Path) -> None:
     """`--namespaces` goes with a namespace-scoped service account: the API is asked about
     those namespaces only (cluster-wide it would answer 403), and a LocustTest elsewhere is
-    not used."""
+    not used (its pods are told why)."""
     api.create(locusttest("inside", "team-a", otel=OTEL))
     api.create(locusttest("outside", "team-c", otel=OTEL))
     env = cluster_env(api, tmp_path)
@@ -259,7 +259,10 @@ def test_namespaces_are_listed_and_watched_alone(api: FakeKubeAPI, tmp_path: Pat
         assert "--otel" in json.dumps(patch_of(inside))
         outside = server.admit(operator_pod("outside", "worker"), "team-c")
         assert "patch" not in outside
-        assert "LocustTest team-c/outside not found" in " ".join(outside["warnings"])
+        assert outside["warnings"] == [
+            "LocustTest team-c/outside: namespace team-c is not among the webhook's "
+            "--namespaces: observability was not injected"
+        ]
         wait_until(lambda: len(api.watches()) >= 2)
     scopes = {match["namespace"] for r in api.requests if (match := ROUTE.fullmatch(r.path))}
     assert scopes == {"team-a", "team-b"}

@@ -216,7 +216,7 @@ SERVE_OPTIONS = (
         "",
         _namespaces,
         "comma-separated namespaces whose LocustTests are watched (empty: all); a pod in "
-        "another namespace is answered as if its LocustTest were not found",
+        "another namespace gets the failure policy (reason namespace-not-watched)",
     ),
     Option(
         "--lookup-timeout",

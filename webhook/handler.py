@@ -66,11 +66,16 @@ class Handler:
     """Turns an AdmissionReview body into the AdmissionReview answer."""
 
     def __init__(
-        self, source: LocustTestSource, settings: MutationSettings, failure_policy: str = "open"
+        self,
+        source: LocustTestSource,
+        settings: MutationSettings,
+        failure_policy: str = "open",
+        namespaces: tuple[str, ...] = (),
     ) -> None:
         self.source = source
         self.settings = settings
         self.fail_closed = failure_policy == "closed"
+        self.namespaces = frozenset(namespaces)  # empty: every namespace
         self._memo: dict[tuple[LocustTestInfo, str, bytes], Mutated] = {}
 
     def handle(self, body: bytes) -> bytes:
@@ -124,6 +129,14 @@ class Handler:
                 return Outcome(allowed(review.uid), "skipped", "opted-out", test_name)
             if not namespace:
                 raise MalformedPod("the request has no namespace")
+            if self.namespaces and namespace not in self.namespaces:
+                return self._refuse_or_allow(
+                    review,
+                    "namespace-not-watched",
+                    f"LocustTest {namespace}/{test_name}: namespace {namespace} is not among "
+                    "the webhook's --namespaces: observability was not injected",
+                    test_name,
+                )
             test = self.source.get(namespace, test_name)
         except MalformedPod as exc:
             return Outcome(

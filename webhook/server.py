@@ -114,7 +114,7 @@ def build_app(settings: ServeSettings, source: LocustTestSource) -> Any:
     from .app import create_app
     from .handler import Handler
 
-    handler = Handler(source, settings.mutation, settings.failure_policy)
+    handler = Handler(source, settings.mutation, settings.failure_policy, settings.namespaces)
     return create_app(handler, source, settings.max_body_bytes)
 
 

@@ -86,7 +86,7 @@ def desired_env(
     wanted = dict(standard)
     if SERVICE_NAME not in wanted and env_value(container, SERVICE_NAME) is None:
         wanted[SERVICE_NAME] = _service_name(test, user_attributes, container)
-    if target.shell:
+    if target.flag_by_env:
         wanted[ENABLE_VAR] = "true"
     env: list[dict[str, object]] = [{"name": k, "value": v} for k, v in wanted.items()]
     if env_value(container, RESOURCE_ATTRIBUTES) is not None:
@@ -138,9 +138,9 @@ def inject_otel_env(
 
 
 def add_otel_flag(pod: Pod, index: int, target: Target) -> tuple[Pod, list[str]]:
-    """`--otel` once in the args, before --master/--worker, else last. Shell-wrapped commands
-    get LOCUST_ENABLE_OPENTELEMETRY from inject_otel_env instead."""
-    if target.shell or OTEL_FLAG in target.words:
+    """`--otel` once in the args, before --master/--worker, else last. Where args cannot carry
+    it (Target.flag_by_env), inject_otel_env sets LOCUST_ENABLE_OPENTELEMETRY instead."""
+    if target.flag_by_env or OTEL_FLAG in target.words:
         return pod, []
     container = pod["spec"]["containers"][index]
     args = list(container.get("args") or ())

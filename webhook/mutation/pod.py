@@ -26,7 +26,6 @@ DEFAULT_WEB_PORT = 8089
 
 SHELLS = frozenset({"sh", "bash", "ash", "dash", "zsh", "ksh"})
 SHELL_OPTIONS_WITH_VALUE = frozenset({"-o", "+o", "-O", "+O", "--rcfile", "--init-file"})
-ENV_FLAGS = frozenset({"-i", "--ignore-environment", "-"})
 PROXY_NAMES = frozenset({"istio-proxy", "linkerd-proxy", "envoy", "envoy-sidecar"})
 PROXY_IMAGES = ("proxyv2", "linkerd2-proxy", "envoyproxy/envoy")
 # Locust's own long flags: `-f` (--locustfile) is too common elsewhere (`tail -f`) to tell.
@@ -111,13 +110,14 @@ def _is_sidecar(container: Container) -> bool:
 
 def _shell_script(words: list[str]) -> str | None:
     """The script of `sh -c SCRIPT`, else None. Options may surround -c or hold it (`-ec`,
-    `bash -lc`, `-o pipefail -c`), and `env [-i] [NAME=value]...` may come first."""
+    `bash -lc`, `-o pipefail -c`), and wrappers may come first (`env -u NAME`, `tini --`,
+    `dumb-init --`): the shell is the first word that names one, before any `locust`."""
     index = 0
-    if words and os.path.basename(words[0]) == "env":
-        index = 1
-        while index < len(words) and ("=" in words[index] or words[index] in ENV_FLAGS):
-            index += 1
-    if index >= len(words) or os.path.basename(words[index]) not in SHELLS:
+    while index < len(words) and os.path.basename(words[index]) not in SHELLS:
+        if os.path.basename(words[index]) == "locust":
+            return None
+        index += 1
+    if index >= len(words):
         return None
     index += 1
     command_mode = False
@@ -250,7 +250,9 @@ class Target:
     name: str
     role: Role
     words: list[str]  # what Locust is started with (the shell script's words when wrapped)
-    shell: bool  # started through `sh -c`
+    # --otel cannot be added to the args: Locust's words are a shell's `-c` script, or the
+    # image's CMD (no command, no args: args would replace it). LOCUST_ENABLE_OPENTELEMETRY then.
+    flag_by_env: bool
 
 
 def find_target(pod: Pod) -> Target:
@@ -264,7 +266,8 @@ def find_target(pod: Pod) -> Target:
     ):
         raise MalformedPod(f"spec.containers[{index}].env must be a list of named variables")
     words, shell = locust_command(container)
-    return Target(index, container["name"], role_of(pod, words), words, shell)
+    flag_by_env = shell or not (container.get("command") or container.get("args"))
+    return Target(index, container["name"], role_of(pod, words), words, flag_by_env)
 
 
 def with_container(pod: Pod, field: ContainerField, index: int, container: Container) -> Pod:
