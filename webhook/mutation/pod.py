@@ -112,14 +112,17 @@ def _shell_script(words: list[str]) -> str | None:
     """The script of `sh -c SCRIPT`, else None. Options may surround -c or hold it (`-ec`,
     `bash -lc`, `-o pipefail -c`), and wrappers may come first (`env -u NAME`, `tini --`,
     `dumb-init --`): the shell is the first word that names one, before any `locust`."""
-    index = 0
-    while index < len(words) and os.path.basename(words[index]) not in SHELLS:
-        if os.path.basename(words[index]) == "locust":
+    for index, word in enumerate(words):
+        program = word[word.rfind("/") + 1 :]
+        if program in SHELLS:
+            return _shell_c_script(words, index + 1)
+        if program == "locust":
             return None
-        index += 1
-    if index >= len(words):
-        return None
-    index += 1
+    return None
+
+
+def _shell_c_script(words: list[str], index: int) -> str | None:
+    """The SCRIPT of a shell's `-c SCRIPT`, its options starting at words[index]; else None."""
     command_mode = False
     while index < len(words):
         word = words[index]
