@@ -198,6 +198,7 @@ class FakeKubeAPI:
         self.forbid_namespaces: frozenset[str] = frozenset()  # 403 in these namespaces only
         self.garbage = False  # 200 with a body that is not JSON, like a proxy's error page
         self.silent = False  # open watches send nothing and never end, like a dead peer
+        self.end_watches = False  # watches end at once, empty, like a draining server
         self.requests: list[Request] = []
         self._cond = threading.Condition()
         self._objects: dict[tuple[str, str], dict[str, Any]] = {}
@@ -421,7 +422,9 @@ class FakeKubeAPI:
             return _send(h, failure, status(failure, f"injected failure {failure}"))
         if self.garbage:
             return _send_data(h, 200, b"<html><body>502 Bad Gateway</body></html>", "text/html")
-        if h.headers.get("Authorization") != f"Bearer {self.token}":
+        # The scheme is case-insensitive (RFC 9110); the in-cluster client sends `bearer`.
+        scheme, _, token = (h.headers.get("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or token != self.token:
             return _send(h, 401, status(401, "Unauthorized"))
         route = ROUTE.fullmatch(url.path)
         if route is None or route["version"] not in self.versions:
@@ -511,7 +514,7 @@ class FakeKubeAPI:
         try:
             for event in initial:
                 _chunk(h, event)
-            if position < 0:
+            if position < 0 or self.end_watches:
                 _chunk(h, None)
                 return
             deadline = time.monotonic() + timeout if timeout else float("inf")

@@ -303,15 +303,34 @@ def test_silent_watch_is_taken_for_dead_and_restarted(
     api: FakeKubeAPI, make_source: MakeSource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A watch that neither sends nor ends (a peer gone without a FIN) must not freeze the
-    cache: past its timeoutSeconds and the margin, the read gives up and the watch restarts."""
-    monkeypatch.setattr(cache, "WATCH_READ_MARGIN", 0.5)
-    api.silent = True
-    source = make_source(watch_timeout=1)
+    cache: after WATCH_SILENCE without even a bookmark (the fake sends one every 0.2 s), the
+    read gives up and the watch resumes, long before the timeoutSeconds it asked for."""
+    monkeypatch.setattr(cache, "WATCH_SILENCE", 1.0)
+    source = make_source(watch_timeout=600)
     wait_until(source.ready)
+    time.sleep(1.5)  # a live watch, sending bookmarks only, is kept
+    assert len(api.watches()) == 1
+    api.silent = True
     wait_until(lambda: len(api.watches()) >= 2, timeout=10)
     api.silent = False
     api.create(locusttest("load-a"))
     wait_until(lambda: source.size() == 1, timeout=10)
+    assert len(api.lists()) == 1  # resumed, not re-listed
+
+
+def test_watches_that_end_at_once_are_resumed_with_backoff(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    source = make_source()
+    wait_until(source.ready)
+    api.end_watches = True
+    api.cut_watches()
+    time.sleep(3)
+    api.end_watches = False
+    # Backoff from 0.2 s, doubling: a handful in 3 s, where a loop made ~70 against this fake.
+    assert len(api.watches()) <= 8
+    api.create(locusttest("load-a"))
+    wait_until(lambda: source.size() == 1, timeout=15)
 
 
 def test_server_error_burst_at_start_and_mid_watch_recovers(

@@ -53,7 +53,7 @@ def _read_body(environ: dict[str, Any], limit: int) -> bytes | Response:
 def create_app(handler: Handler, source: LocustTestSource, max_body_bytes: int) -> Flask:
     """The WSGI app serving /mutate, /healthz, /readyz and /metrics."""
     app = Flask("webhook")
-    # Each route answers its own methods; OPTIONS gets 405 like any other (Flask answers it).
+    # Flask would answer OPTIONS on every route itself (200, HTML): 405 like any other method.
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
 
     @app.route("/mutate", methods=["POST"])

@@ -28,9 +28,14 @@ VERSIONS = ("v2", "v1")
 CLUSTER = ""  # the scope of a cluster-wide list/watch
 PAGE_SIZE = 500
 CONNECT_TIMEOUT = 5.0
-# A watch asks the server to end it after timeoutSeconds; this much longer without a byte (not
-# even a bookmark) and the connection is taken for dead, and the watch restarted.
-WATCH_READ_MARGIN = 30.0
+# A watch asks for bookmarks, which the API server sends about once a minute: this long
+# without a byte and the connection is taken for dead (a peer gone without a FIN, a dropped
+# flow), and the watch resumed. Waiting for timeoutSeconds instead left the cache 4-6 minutes
+# behind.
+WATCH_SILENCE = 150.0
+# A watch the server ends sooner than this (a draining server, a proxy) is resumed after a
+# backoff, not at once: an API that closes every watch at once would be asked in a loop.
+SHORT_WATCH = 1.0
 LIST_TIMEOUT = 60.0
 LOOKUP_DELAYS = (0.05, 0.1, 0.2, 0.4)
 STOP_TIMEOUT = 2.0
@@ -247,12 +252,15 @@ class ClusterSource:
                 if scope.resource_version is None:
                     self._list(scope)
                     backoff.reset()
+                started = time.monotonic()
                 self._watch(scope, backoff)
                 if self._stopping.is_set():
                     return
                 # The server ended the watch (timeoutSeconds): resume where it stopped, unless
                 # a newer version is served now (the operator was upgraded): then re-list.
                 metrics.WATCH_RESTARTS.labels(reason="closed").inc()
+                if time.monotonic() - started < SHORT_WATCH:
+                    self._stopping.wait(backoff.next())
                 if scope.version != VERSIONS[0] and self._served(VERSIONS[0], scope):
                     log.info("%s/%s is served now: re-listing %s", GROUP, VERSIONS[0], scope.where)
                     scope.resource_version = None
@@ -376,7 +384,7 @@ class ClusterSource:
                 resource_version=scope.resource_version,
                 allow_watch_bookmarks=True,
                 timeout_seconds=timeout,
-                _request_timeout=(CONNECT_TIMEOUT, timeout + WATCH_READ_MARGIN),
+                _request_timeout=(CONNECT_TIMEOUT, WATCH_SILENCE),
             )  # fmt: skip
             for event in stream:
                 if self._stopping.is_set():

@@ -121,8 +121,7 @@ def run_inject(args: argparse.Namespace) -> int:
     elif kind != "Pod":
         got = "an object without a kind" if kind is None else f"kind {kind!r}"
         raise UsageError(f"{args.file}: expected a Pod or a Job, got {got}")
-    labels = _mapping(_mapping(pod.get("metadata")).get("labels"))
-    label = labels.get(TEST_NAME_LABEL)
+    label = _mapping(_mapping(pod.get("metadata")).get("labels")).get(TEST_NAME_LABEL)
     test = _pick_locusttest(args.locusttest, label)
     err: TextIO = sys.stderr
     if label != test.name:
