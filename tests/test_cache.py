@@ -305,10 +305,10 @@ def test_silent_watch_is_taken_for_dead_and_restarted(
     """A watch that neither sends nor ends (a peer gone without a FIN) must not freeze the
     cache: after WATCH_SILENCE without even a bookmark (the fake sends one every 0.2 s), the
     read gives up and the watch resumes, long before the timeoutSeconds it asked for."""
-    monkeypatch.setattr(cache, "WATCH_SILENCE", 1.0)
+    monkeypatch.setattr(cache, "WATCH_SILENCE", 2.0)
     source = make_source(watch_timeout=600)
     wait_until(source.ready)
-    time.sleep(1.5)  # a live watch, sending bookmarks only, is kept
+    time.sleep(3)  # a live watch, sending bookmarks only, is kept
     assert len(api.watches()) == 1
     api.silent = True
     wait_until(lambda: len(api.watches()) >= 2, timeout=10)
