@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -623,16 +624,14 @@ def test_plaintext_http_on_the_tls_port_is_dropped(healthy: Server, reliability:
 
 def test_garbage_bytes_are_refused(healthy: Server, reliability: Recorder) -> None:
     garbage = [os.urandom(size) for size in (1, 7, 512, 65536)]
-    raws = [socket.create_connection(("127.0.0.1", healthy.port), timeout=10) for _ in garbage]
-    try:
+    with contextlib.ExitStack() as opened:
+        connect = partial(socket.create_connection, ("127.0.0.1", healthy.port), timeout=10)
+        raws = [opened.enter_context(connect()) for _ in garbage]
         for raw, blob in zip(raws, garbage, strict=True):
             raw.sendall(blob)
         # A short blob may be the start of a TLS record: it is cut off after the read budget.
         for raw in raws:
             read_until_closed(raw, limit=REQUEST_READ_BUDGET + 5)
-    finally:
-        for raw in raws:
-            raw.close()
     # Garbage inside a valid TLS session: not HTTP, answered 400 or closed, never 5xx.
     for blob in [*garbage, b"\x00\xff GET / HTTP/9.9\r\n\r\n", b"POST /mutate HTTP/1.1\r\n" * 9]:
         with tls_socket(healthy) as tls:
@@ -648,17 +647,14 @@ def test_huge_declared_chunk_sizes_are_refused(healthy: Server, reliability: Rec
         b"Transfer-Encoding: chunked\r\n\r\n"
     )
     chunk_lines = (b"ffffffffffff\r\n", b"7fffffffffffffffffff\r\n", b"40001\r\n")
-    sockets = [tls_socket(healthy) for _ in chunk_lines]
-    try:
+    with contextlib.ExitStack() as opened:
+        sockets = [opened.enter_context(tls_socket(healthy)) for _ in chunk_lines]
         for tls, chunk_line in zip(sockets, chunk_lines, strict=True):
             tls.sendall(head + chunk_line + b"x" * 65536)
         for tls in sockets:
             # Refused at once, or waited for until the read budget runs out.
             answer = read_until_closed(tls, limit=REQUEST_READ_BUDGET + 5)
             assert answer.split(b" ")[1] in (b"400", b"408", b"413"), answer[:80]
-    finally:
-        for tls in sockets:
-            tls.close()
     reliability.add(len(chunk_lines), 0)
 
 
@@ -749,8 +745,8 @@ def test_silent_connections_take_no_thread_and_are_closed_after_the_budget(
     """gunicorn's gthread gave each new connection a thread to wait up to 5 s for its first
     bytes: three times as many silent connections as threads made an admission wait ~15 s."""
     pod = operator_pod("abuse", "worker")
-    quiet = [silent(healthy) for _ in range(3 * WORKERS * WORKER_THREADS)]
-    try:
+    with contextlib.ExitStack() as held:
+        quiet = [held.enter_context(silent(healthy)) for _ in range(3 * WORKERS * WORKER_THREADS)]
         opened = time.monotonic()
         for _ in range(5):
             took, response = timed_admit(healthy, pod)
@@ -761,9 +757,6 @@ def test_silent_connections_take_no_thread_and_are_closed_after_the_budget(
         closed_after = time.monotonic() - opened
         assert closed_after < REQUEST_READ_BUDGET + 2 + MARGIN, closed_after
         reliability.add(len(quiet) + 5, 0)
-    finally:
-        for sock in quiet:
-            sock.close()
 
 
 def test_silent_connections_past_the_connection_limit_do_not_lock_out_new_clients(
@@ -773,18 +766,14 @@ def test_silent_connections_past_the_connection_limit_do_not_lock_out_new_client
     ones stopped the pod accepting, so that even /healthz timed out. At the limit the one that
     has waited longest for its first bytes makes room."""
     pod = operator_pod("abuse", "worker")
-    quiet: list[socket.socket] = []
-    try:
+    with contextlib.ExitStack() as held:
         for _ in range(WORKERS * 1000 + 200):
-            quiet.append(silent(healthy))
+            held.enter_context(silent(healthy))
         for _ in range(5):
             took, response = timed_admit(healthy, pod)
             assert is_patched(response)
             assert took < 2.0, f"an admission waited {took:.2f} s behind a full server"
         reliability.add(5, 0)
-    finally:
-        for sock in quiet:
-            sock.close()
 
 
 def test_clients_that_never_close_hold_up_no_one(healthy: Server, reliability: Recorder) -> None:
@@ -797,10 +786,10 @@ def test_clients_that_never_close_hold_up_no_one(healthy: Server, reliability: R
         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
     )
     assert is_patched(healthy.admit(pod))  # the keep-alive connection is open before them
-    holding: list[ssl.SSLSocket] = []
-    try:
+    with contextlib.ExitStack() as held:
+        holding: list[ssl.SSLSocket] = []
         for _ in range(2 * WORKER_THREADS):
-            holding.append(tls_socket(healthy))
+            holding.append(held.enter_context(tls_socket(healthy)))
             holding[-1].sendall(request)
         for sock in holding:
             assert sock.recv(12) == b"HTTP/1.1 200"  # answered; and never closed from here
@@ -811,9 +800,6 @@ def test_clients_that_never_close_hold_up_no_one(healthy: Server, reliability: R
         assert took < 1.5, took
         print(f"\nan admission behind {len(holding)} clients that never close took {took:.2f} s")
         reliability.add(len(holding) + 1, 0)
-    finally:
-        for sock in holding:
-            sock.close()
 
 
 def test_many_idle_keep_alive_connections_leave_room_for_new_clients(
@@ -821,9 +807,10 @@ def test_many_idle_keep_alive_connections_leave_room_for_new_clients(
 ) -> None:
     pod = operator_pod("abuse", "worker")
     idle: list[http.client.HTTPSConnection] = []
-    try:
+    with contextlib.ExitStack() as held:
         for _ in range(300):
             conn = healthy.connection()
+            held.callback(conn.close)
             status, _ = post_review(conn, pod)
             assert status == 200
             idle.append(conn)
@@ -835,6 +822,3 @@ def test_many_idle_keep_alive_connections_leave_room_for_new_clients(
             status, response = post_review(conn, pod)
             assert status == 200 and is_patched(response) and conn.sock is sock
         reliability.add(2 * len(idle) + 20, 0)
-    finally:
-        for conn in idle:
-            conn.close()
