@@ -287,6 +287,20 @@ def test_inject_warns_when_the_label_names_another_locusttest(tmp_path: Path) ->
     ) in done.stderr
 
 
+def test_inject_takes_the_v2_locusttest_of_a_name_as_the_server_does(tmp_path: Path) -> None:
+    both = [
+        locusttest("demo", version="v1"),
+        locusttest("demo", otel={"enabled": True, "endpoint": "http://c:4317"}),
+    ]
+    (tmp_path / "lt.yaml").write_text(yaml.safe_dump_all(both))
+    (tmp_path / "pod.yaml").write_text(yaml.safe_dump(operator_pod("demo", "worker")))
+    done = cli(
+        "inject", "-f", str(tmp_path / "pod.yaml"), "--locusttest", str(tmp_path / "lt.yaml")
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--otel" in yaml.safe_load(done.stdout)["spec"]["containers"][0]["args"]
+
+
 def test_inject_refuses_a_locusttest_it_cannot_read(tmp_path: Path) -> None:
     broken = locusttest("demo", otel={"enabled": True, "extraEnvVars": ["A=1"]})
     done = run_inject(tmp_path, operator_pod("demo", "worker"), broken)

@@ -43,7 +43,7 @@ LOCUSTFILE = Path(__file__).parent / "e2e" / "locustfile.py"
 # what only exists in a cluster (the operator mounts the ConfigMap at /lotest/src)
 CLUSTER_LOCUSTFILE = "/lotest/src/locustfile.py"
 CLUSTER_TARGET = "http://shop.shop-system.svc:8080"
-IMAGE = "locustio/locust:2.47.0"
+IMAGE = "locustio/locust-otel:2.47.0"
 MASTER_PORT = 5557
 PROCESS_CAP = 90.0  # seconds any Locust process may live, whatever happens
 # locust.runners.MASTER_HEARTBEAT_TIMEOUT: how long a worker waits for the master's heartbeats

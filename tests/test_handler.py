@@ -292,6 +292,27 @@ def test_the_admission_line_says_whether_it_was_a_dry_run(
     assert line["dry_run"] is dry_run
 
 
+def test_the_admission_line_carries_the_answers_warnings(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Job controller creates the pods and drops the answer's warnings: the log line is
+    where they can be read."""
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    test = locusttest("demo", otel={"enabled": True, "endpoint": "otel:4317"})
+    handler = Handler(Source(test), MutationSettings())
+    response, line = admission_line(monkeypatch, handler, operator_pod("demo", "worker"))
+    assert "no scheme" in response["warnings"][0]
+    assert line["warnings"] == response["warnings"]
+    _, quiet = admission_line(monkeypatch, handler, operator_pod("other", "worker"))
+    assert quiet["reason"] == "locusttest-not-found"
+    assert quiet["warnings"] == [
+        "LocustTest default/other not found: observability was not injected"
+    ]
+    handler = Handler(Source(locusttest("demo")), MutationSettings())
+    response, line = admission_line(monkeypatch, handler, operator_pod("demo", "master"))
+    assert "warnings" not in response and line["warnings"] == []
+
+
 @pytest.mark.parametrize(("policy", "allowed"), [("open", True), ("closed", False)])
 def test_a_pod_outside_the_watched_namespaces_gets_the_failure_policy_without_a_lookup(
     policy: str, allowed: bool

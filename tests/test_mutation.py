@@ -271,6 +271,29 @@ def test_pod_the_real_operator_configured_is_left_as_it_is(role: str, spec: dict
     assert m.result.mode == "operator-native"
 
 
+@pytest.mark.parametrize(
+    ("extra", "warned"),
+    [
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=checkout-load,team=perf"}, True),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "service.name=a", "OTEL_SERVICE_NAME": "a"}, False),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "team=perf"}, False),
+    ],
+)
+def test_operator_native_pod_naming_its_service_only_in_attributes_is_warned_about(
+    extra: dict[str, str], warned: bool
+) -> None:
+    """Left as the operator built it, such a pod reports as service 'locust': Locust replaces
+    a service.name given in the resource attributes unless OTEL_SERVICE_NAME is set."""
+    spec = otel(extraEnvVars=extra)
+    m = run_mutation(operator_native("worker", spec), locusttest("demo", otel=spec))
+    assert m.patch == [] and m.result.mode == "operator-native"
+    named = [w for w in m.result.warnings if "OTEL_SERVICE_NAME" in w]
+    assert len(named) == warned, m.result.warnings
+    assert m.result.warnings == named
+    if warned:
+        assert "'locust'" in named[0] and "extraEnvVars" in named[0]
+
+
 def test_operator_configuration_missing_a_variable_is_completed_and_enriched() -> None:
     spec = otel(insecure=True)
     pod = operator_native("worker", spec)
@@ -631,6 +654,10 @@ def test_service_name(extra: dict[str, str], expected: str) -> None:
         ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http"}, False, "4317"),
         ("grpc", "otel:4318", {"OTEL_EXPORTER_OTLP_PROTOCOL": "HTTP/protobuf"}, False, "at once"),
         ("grpc", "http://otel:4317", {"OTEL_EXPORTER_OTLP_PROTOCOL": ""}, False, "not supported"),
+        # https:// makes both exporters verify the collector's certificate, insecure or not.
+        ("grpc", "https://otel.example.com:4317", {}, True, "verify the collector"),
+        ("http/protobuf", "https://otel.example.com:4318", {}, True, "verify the collector"),
+        ("http/protobuf", "https://otel.example.com:4318", {}, False, None),
     ],
 )
 def test_endpoint_protocol_insecure_table(
@@ -1003,6 +1030,39 @@ def test_service_version_in_resource_attributes_is_warned_about() -> None:
     )
     assert len(m.result.warnings) == 1
     assert "service.version" in m.result.warnings[0]
+
+
+@pytest.mark.parametrize(
+    ("image", "warned"),
+    [
+        ("locustio/locust:2.20.0", "2.20.0 has no OpenTelemetry support"),
+        ("locustio/locust:2.42.3", "has no OpenTelemetry support"),
+        ("locustio/locust:2.47.0", "has no OpenTelemetry SDK"),
+        ("docker.io/locustio/locust:2.43.1", "has no OpenTelemetry SDK"),
+        ("locustio/locust", "has no OpenTelemetry SDK"),
+        ("locustio/locust@sha256:" + "0" * 64, "has no OpenTelemetry SDK"),
+        ("locustio/locust-otel:2.47.0", None),
+        ("registry.example.com:5000/perf/locust:1.0", None),
+    ],
+)
+def test_a_locust_image_that_cannot_export_is_warned_about(image: str, warned: str | None) -> None:
+    """Locust knows --otel since 2.42.4, and the locustio/locust image lacks the SDK
+    (locust[otel]): Locust would export nothing, or stop at --otel."""
+    pod = operator_pod("demo", "worker", image=image)
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert m.patch != []  # warned, still injected as the LocustTest asks
+    about_image = [w for w in m.result.warnings if image in w]
+    if warned is None:
+        assert m.result.warnings == []
+    else:
+        assert len(about_image) == 1 and warned in about_image[0], m.result.warnings
+        assert "locustio/locust-otel" in about_image[0]
+
+
+def test_the_plain_locust_image_is_not_warned_about_without_opentelemetry() -> None:
+    pod = operator_pod("demo", "master", image="locustio/locust:2.20.0")
+    m = run_mutation(pod, locusttest("demo"))
+    assert m.result.mode == "exporter" and m.result.warnings == []
 
 
 # --- Section 7: malformed pods are skipped, not internal errors -----------------------------

@@ -100,6 +100,9 @@ class Handler:
                 "reason": result.reason,
                 "dry_run": review.dry_run,
                 "ms": round(elapsed * 1000, 3),
+                # The pods that matter are created by the Job controller, which drops the
+                # answer's warnings: the log line is where a user finds them.
+                "warnings": result.response.get("warnings", ()),
             }
         )
         return envelope(review.api_version, result.response)

@@ -18,7 +18,13 @@ from .exporter import (
     remove_metrics_exporter,
     scrape_annotation_warning,
 )
-from .otel import add_otel_flag, configured_natively, inject_otel_env, otel_warnings
+from .otel import (
+    add_otel_flag,
+    configured_natively,
+    inject_otel_env,
+    otel_warnings,
+    service_name_warning,
+)
 from .pod import (
     STATUS_ANNOTATION,
     MalformedPod,
@@ -121,6 +127,9 @@ def mutate(
         native = STATUS_ANNOTATION not in pod_annotations(pod)  # else: the webhook's own work
         if native and not removed and configured_natively(test, container, target):
             # SPEC section 6: a pod the v2 operator configured natively is left as it is.
+            warning = service_name_warning(test, container)
+            if warning:
+                warnings.append(warning)
             return MutationResult(
                 pod, "operator-native", target.role, target.name, warnings=warnings,
                 notes=_job_note(pod, test, target.role),

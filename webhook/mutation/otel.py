@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from ..models import PROTOCOLS, LocustTestInfo, OtelSpec
-from .pod import Container, Pod, Role, Target, env_value, with_container
+from .pod import Container, Pod, Role, Target, env_value, image_repository, with_container
 
 RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 SERVICE_NAME = "OTEL_SERVICE_NAME"
 POD_NAME_VAR = "OTEL_RESOURCE_ATTRIBUTES_POD_NAME"
 ENABLE_VAR = "LOCUST_ENABLE_OPENTELEMETRY"
 OTEL_FLAG = "--otel"
+# Locust knows --otel (and LOCUST_ENABLE_OPENTELEMETRY) since 2.42.4; the locustio/locust image
+# never carries the OpenTelemetry SDK (the extra locust[otel]): locustio/locust-otel does.
+OTEL_SINCE = (2, 42, 4)
+PLAIN_IMAGE = "locustio/locust"
 
 
 def parse_attributes(raw: str) -> dict[str, str]:
@@ -200,14 +205,53 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
         insecure = _effective(
             own, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else None
         )
-    return list(
+    where = f"LocustTest {test.namespace}/{test.name}"
+    warnings = list(
         _warnings(
-            f"LocustTest {test.namespace}/{test.name}",
-            endpoint,
-            protocol,
-            insecure,
-            attributes if isinstance(attributes, str) else "",
+            where, endpoint, protocol, insecure, attributes if isinstance(attributes, str) else ""
         )
+    )
+    unusable = _image_warning(where, str(container.get("image") or ""))
+    if unusable:
+        warnings.append(unusable)
+    return warnings
+
+
+@functools.lru_cache(maxsize=256)
+def _image_warning(where: str, image: str) -> str | None:
+    """The Locust image cannot export: Locust before OTEL_SINCE, or the plain locustio/locust
+    image (any tag, any registry), which lacks the SDK."""
+    repository = image_repository(image)
+    if repository != PLAIN_IMAGE and not repository.endswith(f"/{PLAIN_IMAGE}"):
+        return None
+    tag = image.split("@", 1)[0][len(repository) + 1 :]
+    version = re.match(r"(\d+)\.(\d+)\.(\d+)", tag)
+    if version and tuple(int(part) for part in version.groups()) < OTEL_SINCE:
+        return (
+            f"{where}: image {image}: Locust {tag} has no OpenTelemetry support (it came in "
+            "2.42.4): it stops at --otel (unrecognized arguments) and ignores "
+            f"{ENABLE_VAR}; use locustio/locust-otel (2.43.4 or later) as the LocustTest's image"
+        )
+    return (
+        f"{where}: image {image} has no OpenTelemetry SDK: Locust logs 'OpenTelemetry SDK is "
+        "not installed' and exports nothing; use locustio/locust-otel, or an image that "
+        "installs locust[otel], as the LocustTest's image"
+    )
+
+
+def service_name_warning(test: LocustTestInfo, container: Container) -> str | None:
+    """A pod left as the operator configured it (SPEC section 6) keeps Locust's default
+    service name when it has no OTEL_SERVICE_NAME, whatever its resource attributes say."""
+    attributes = env_value(container, RESOURCE_ATTRIBUTES)
+    if env_value(container, SERVICE_NAME) is not None or attributes is None:
+        return None
+    if "service.name" not in parse_attributes(attributes):
+        return None
+    return (
+        f"LocustTest {test.namespace}/{test.name}: Locust replaces the service.name in "
+        "OTEL_RESOURCE_ATTRIBUTES with its default 'locust' unless OTEL_SERVICE_NAME is set, "
+        "and this pod, configured by the operator, is left as it is: add OTEL_SERVICE_NAME to "
+        "spec.observability.openTelemetry.extraEnvVars"
     )
 
 
@@ -274,6 +318,13 @@ def _warnings(
                 "gRPC exporter will use TLS and fail against a plaintext collector; use "
                 f"http://{endpoint} or set insecure: true"
             )
+    if scheme == "https" and isinstance(insecure, str) and insecure.lower() == "true":
+        warnings.append(
+            f"{where}: insecure is true but the endpoint is https://: the Python OTLP exporters "
+            "then use TLS and verify the collector's certificate all the same; use http:// for "
+            "a plaintext collector, or trust its CA with OTEL_EXPORTER_OTLP_CERTIFICATE in "
+            "extraEnvVars"
+        )
     if protocol == "http/protobuf" and not has_scheme:
         warnings.append(
             f"{where}: endpoint {endpoint!r} has no scheme: the OTLP/HTTP exporter fails at "

@@ -94,7 +94,7 @@ def opted_out(pod: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == "false"
 
 
-def _image_repository(image: str) -> str:
+def image_repository(image: str) -> str:
     """The image without its digest and tag; a registry's `:port` is not a tag."""
     name = image.split("@", 1)[0]
     colon = name.rfind(":")
@@ -155,7 +155,7 @@ def locust_command(container: Container) -> tuple[list[str], bool]:
 
 
 def _runs_locust(container: Container) -> bool:
-    repository = _image_repository(str(container.get("image") or "")).rsplit("/", 1)[-1]
+    repository = image_repository(str(container.get("image") or "")).rsplit("/", 1)[-1]
     if "locust" in repository and "exporter" not in repository:
         return True
     words, _ = locust_command(container)
