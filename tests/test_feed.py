@@ -70,9 +70,12 @@ def start_watcher(
             watcher.stop()
 
 
+IN_FLIGHT = 4  # the workers' misses_in_flight
+
+
 @pytest.fixture
 def worker(path: Path) -> Iterator[FeedSource]:
-    source = FeedSource(str(path), lookup_timeout=1.0)
+    source = FeedSource(str(path), lookup_timeout=1.0, misses_in_flight=IN_FLIGHT)
     source.start()
     yield source
     source.stop()
@@ -155,6 +158,40 @@ def test_a_miss_is_looked_up_by_the_watcher(
     assert worker.get("default", "fresh") == info
     assert lookups("cache_hit") == hits + 1
     assert worker.get("default", "never-created") is None
+
+
+def test_admissions_waiting_on_misses_are_bounded_and_share_a_lookup(
+    start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
+) -> None:
+    """Pods naming a LocustTest that does not exist cannot hold every thread of a worker for
+    the lookup timeout (the watcher retries a 404 for it): beyond `misses_in_flight` waiting,
+    a miss fails at once; those of one LocustTest wait on one lookup."""
+    start_watcher()
+    wait_until(worker.ready)
+    results: list[object] = []
+
+    def look_up(name: str) -> None:
+        try:
+            results.append(worker.get("default", name))
+        except SourceUnavailable as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=look_up, args=("absent",)) for _ in range(IN_FLIGHT)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: worker._missing == IN_FLIGHT)
+    assert list(worker._misses) == [("default", "absent")]  # one lookup for all of them
+    unavailable = lookups("unavailable")
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match=f"{IN_FLIGHT} admissions of this worker already"):
+        worker.get("default", "another")
+    assert time.monotonic() - started < 0.5
+    assert lookups("unavailable") == unavailable + 1
+    for thread in threads:
+        thread.join(5)
+    assert results == [None] * IN_FLIGHT  # every one of them answered: not found
+    assert worker._missing == 0 and worker._misses == {}
+    assert worker.get("default", "another") is None  # room again
 
 
 def test_the_watchers_error_reaches_the_worker(

@@ -134,15 +134,47 @@ def test_an_invalid_locusttest_is_its_own_reason_under_either_policy(
     assert response["allowed"] is (policy == "open")
 
 
-def test_names_longer_than_kubernetes_allows_are_cut_in_the_admission_line(
+def test_names_longer_than_kubernetes_allows_are_cut_or_refused(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """No object name is longer than 253 characters: the pod's is cut in the log line, and a
+    LocustTest name that long is not looked up (nor echoed in the warning and the line)."""
     caplog.set_level(logging.INFO, logger="webhook.admission")
-    pod = operator_pod("t" * 1000, "master")
+    source = BrokenSource()  # a lookup would raise
+    pod = operator_pod("t" * 254, "master")
     pod["metadata"]["generateName"] = "p" * 100_000
-    response, line = admission_line(monkeypatch, Handler(Source(), MutationSettings()), pod)
-    assert response["allowed"] is True
-    assert (line["pod"], line["locusttest"]) == ("p" * 253, "t" * 253)
+    response, line = admission_line(monkeypatch, Handler(source, MutationSettings()), pod)
+    assert response["allowed"] is True and "patch" not in response
+    assert response["warnings"] == [
+        "pod not mutated: its performance-test-name label is longer than any name"
+    ]
+    assert (line["pod"], line["locusttest"], line["reason"]) == ("p" * 253, "", "malformed-pod")
+    at_most = operator_pod("t" * 253, "master")
+    response, line = admission_line(monkeypatch, Handler(Source(), MutationSettings()), at_most)
+    assert (line["locusttest"], line["reason"]) == ("t" * 253, "locusttest-not-found")
+
+
+def test_a_patch_the_answer_cannot_encode_follows_the_failure_policy(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """orjson reads deeper JSON than it writes: 300 levels of lists in a container the patch
+    carries (two exporters of one name, removed: the diff pairs the helper with the first) are
+    an internal error under the failure policy, not an HTML 500."""
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    deep: Any = []
+    for _ in range(300):
+        deep = [deep]
+    pod = operator_pod("t", "worker")
+    exporter = {"name": "locust-metrics-exporter", "image": "e"}
+    helper = {"name": "helper", "image": "busybox", "resources": {"limits": deep}}
+    pod["spec"]["containers"] += [exporter, helper, exporter]
+    handler = Handler(Source(locusttest("t", otel={"enabled": True})), MutationSettings())
+    response, line = admission_line(monkeypatch, handler, pod)
+    assert response["allowed"] is True and "patch" not in response
+    assert response["warnings"] == [
+        "LocustTest default/t: internal error while injecting observability"
+    ]
+    assert (line["outcome"], line["reason"]) == ("failed_open", "internal-error")
 
 
 def test_a_pod_name_that_is_not_a_string_is_answered_and_logged_without_it(

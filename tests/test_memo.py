@@ -15,6 +15,7 @@ import pytest
 from conftest import Source, validate_pod
 from fixtures import locusttest, operator_pod, review
 
+from webhook import handler as handler_module
 from webhook.config import MutationSettings
 from webhook.handler import Handler
 
@@ -48,6 +49,21 @@ def test_the_workers_of_one_job_are_mutated_once() -> None:
     assert len(handler._memo) == 1
     assert all(a["ops"] == answers[0]["ops"] for a in answers)
     assert len({a["uid"] for a in answers}) == 5
+
+
+def test_a_long_patch_is_not_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a pod with odd containers makes one; 256 of them would hold the worker's memory."""
+    handler = Handler(Source(locusttest("demo", otel={"enabled": True})), MutationSettings())
+    worker = operator_pod("demo", "worker")
+    first = admit(handler, worker)
+    patch_chars = len(handler._memo.popitem()[1].patch)
+    monkeypatch.setattr(handler_module, "MEMO_PATCH_CHARS", patch_chars - 1)
+    again = admit(handler, worker)
+    assert handler._memo == {}
+    assert again["ops"] == first["ops"]
+    monkeypatch.setattr(handler_module, "MEMO_PATCH_CHARS", patch_chars)
+    admit(handler, worker)
+    assert len(handler._memo) == 1
 
 
 def test_a_changed_locusttest_is_not_answered_from_memory() -> None:

@@ -1059,6 +1059,38 @@ def test_a_locust_image_that_cannot_export_is_warned_about(image: str, warned: s
         assert "locustio/locust-otel" in about_image[0]
 
 
+@pytest.mark.parametrize("endpoint", ["http://[collector:4317", "http://a\uff03b@collector:4317"])
+def test_an_endpoint_that_is_not_a_url_is_warned_about_not_an_internal_error(
+    endpoint: str,
+) -> None:
+    own = [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint}]
+    m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
+    assert m.patch != []
+    [warning] = m.result.warnings
+    assert f"endpoint {endpoint!r} is not a URL (" in warning
+
+
+def test_a_long_value_is_cut_where_a_warning_quotes_it_and_its_verdict_not_remembered() -> None:
+    from webhook.mutation import otel as otel_module
+
+    endpoint = "collector-" + "x" * 1_000_000 + ":4317"  # no scheme: warned about
+    own = [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint}]
+    remembered = otel_module._warnings.cache_info().currsize
+    m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
+    [warning] = m.result.warnings
+    assert "has no scheme" in warning and len(warning) < 500
+    assert repr(endpoint[:100]) + "..." in warning
+    assert otel_module._warnings.cache_info().currsize == remembered
+
+
+@pytest.mark.parametrize("port", ["\u00b2", "\u00b9\u00b2\u00b3"])  # digits int() refuses
+def test_a_web_port_of_digits_int_cannot_read_is_the_default(port: str) -> None:
+    pod = operator_pod("demo", "master", env=[{"name": "LOCUST_WEB_PORT", "value": port}])
+    m = run_mutation(pod, locusttest("demo"))
+    [exporter] = m.pod["spec"]["initContainers"]
+    assert {"name": "LOCUST_EXPORTER_URI", "value": "http://localhost:8089"} in exporter["env"]
+
+
 def test_the_plain_locust_image_is_not_warned_about_without_opentelemetry() -> None:
     pod = operator_pod("demo", "master", image="locustio/locust:2.20.0")
     m = run_mutation(pod, locusttest("demo"))

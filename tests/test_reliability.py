@@ -435,13 +435,16 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
     api: FakeKubeAPI, tmp_path: Path, reliability: Recorder
 ) -> None:
     grace = 10
-    in_flight = WORKER_THREADS  # fits one worker's threads whichever way the kernel spreads them
+    # Distinct LocustTests, each its own lookup: as many as one worker looks up at once (half
+    # its threads), whichever way the kernel spreads the connections.
+    threads = 2 * WORKER_THREADS
+    in_flight = threads // 2
     with serve(
         tmp_path,
         "--workers",
         str(WORKERS),
         "--threads",
-        str(WORKER_THREADS),
+        str(threads),
         "--lookup-timeout",
         "5",
         "--graceful-timeout",
@@ -453,16 +456,17 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
         # Created after the first list and never delivered by the watch: every admission
         # looks it up with a direct GET, which the API answers after 2 s.
         api.lag = 3600
-        api.create(locusttest("slow-lookup", otel=OTEL))
+        for index in range(in_flight):
+            api.create(locusttest(f"slow-lookup-{index}", otel=OTEL))
         api.latency = 2.0
         results: list[tuple[int, dict[str, Any]] | Exception] = []
         lock = threading.Lock()
 
-        def one() -> None:
+        def one(index: int) -> None:
             conn = server.connection(30)
             try:
                 result: tuple[int, dict[str, Any]] | Exception = post_review(
-                    conn, operator_pod("slow-lookup", "worker")
+                    conn, operator_pod(f"slow-lookup-{index}", "worker")
                 )
             except (OSError, http.client.HTTPException) as exc:
                 result = exc
@@ -472,15 +476,15 @@ def test_sigterm_answers_every_in_flight_admission_and_exits_in_time(
                 results.append(result)
 
         def gets() -> int:
-            return sum(1 for r in api.requests if r.path.endswith("/locusttests/slow-lookup"))
+            return sum(1 for r in api.requests if "/locusttests/slow-lookup-" in r.path)
 
-        threads = [threading.Thread(target=one) for _ in range(in_flight)]
-        for thread in threads:
+        clients = [threading.Thread(target=one, args=(i,)) for i in range(in_flight)]
+        for thread in clients:
             thread.start()
         wait_until(lambda: gets() >= in_flight, what="every admission waiting on its GET")
         stopped = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        for thread in threads:
+        for thread in clients:
             thread.join(timeout=grace + 5)
         server.process.wait(timeout=grace + 5)
         exited = time.monotonic() - stopped

@@ -115,6 +115,13 @@ def test_metrics_are_the_workers_and_the_watchers_alone(api: FakeKubeAPI, tmp_pa
     with serve_with_metrics_dir(api, tmp_path) as (server, metrics_dir):
         assert "locust_webhook_cache_synced 1.0" in server.metrics()
         assert "locust_webhook_locusttests_cached 1.0" in server.metrics()
+        # The watcher serves no certificate: its 0 must not be what /metrics says.
+        [expiry] = [
+            float(line.split()[1])
+            for line in server.metrics().splitlines()
+            if line.startswith("locust_webhook_certificate_expiry_timestamp_seconds ")
+        ]
+        assert expiry > time.time() + 86400
         writers = {int(path.stem.rsplit("_", 1)[1]) for path in metrics_dir.glob("*.db")}
         assert writers == server.workers(2) | {server.watcher()}
 
@@ -236,15 +243,25 @@ def _watcher_other_than(server: Server, pid: int) -> bool:
         return False
 
 
-def test_sigterm_stops_the_watcher_and_removes_its_socket(api: FakeKubeAPI, tmp_path: Path) -> None:
-    with serve(tmp_path, "--workers", "1", env=cluster_env(api, tmp_path)) as server:
+def test_sigterm_stops_the_watcher_and_leaves_nothing_in_tmpdir(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """Its socket, the metrics, and the files the Kubernetes client writes for a kubeconfig's
+    embedded certificates (and key) go when `serve` does."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**cluster_env(api, tmp_path), "TMPDIR": str(tmpdir)}
+    with serve(tmp_path, "--workers", "1", env=env) as server:
         watcher = server.watcher()
         arguments = server.children()[watcher].split("\0")
         socket_path = Path(arguments[arguments.index("--socket") + 1])
         assert socket_path.is_socket()
+        written = [path for path in tmpdir.rglob("*") if path.is_file()]
+        assert any(b"BEGIN CERTIFICATE" in path.read_bytes() for path in written)
     assert server.process.returncode == 0
     assert not Path(f"/proc/{watcher}").exists()
     assert not socket_path.parent.exists()
+    assert list(tmpdir.iterdir()) == []
 
 
 def test_namespaces_are_listed_and_watched_alone(api: FakeKubeAPI, tmp_path: Path) -> None:

@@ -246,6 +246,16 @@ class _Answer:
         self.lost = False  # the connection closed before the answer came
 
 
+class _Miss:
+    """A LocustTest missing from the copy, being looked up: its answer, once settled, is the
+    record (None: not found) or the failure."""
+
+    def __init__(self) -> None:
+        self.settled = threading.Event()
+        self.record: list[Any] | None = None
+        self.error: str | None = None
+
+
 class FeedSource:
     """The worker's side: a LocustTestSource kept by the watcher process.
 
@@ -253,14 +263,22 @@ class FeedSource:
     the watcher is gone the worker keeps answering from what it has, and reconnects.
     """
 
-    def __init__(self, path: str, lookup_timeout: float = 1.5) -> None:
+    def __init__(self, path: str, lookup_timeout: float = 1.5, misses_in_flight: int = 8) -> None:
         self._path = path
         self._lookup_timeout = lookup_timeout
+        # Admissions that may wait on LocustTests missing from the copy at once; one more fails
+        # at once (SourceUnavailable: the failure policy), so that pods naming LocustTests that
+        # do not exist cannot hold every thread for the lookup timeout. Those of the same
+        # LocustTest share one lookup.
+        self._misses_in_flight = misses_in_flight
+        self._missing = 0
         self._view: dict[tuple[str, str], LocustTestInfo] = {}
         self._synced = False
         self._conn: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._waiting: dict[int, _Answer] = {}
+        self._misses: dict[tuple[str, str], _Miss] = {}
+        self._misses_lock = threading.Lock()
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -294,10 +312,38 @@ class FeedSource:
         if info is not None:
             metrics.LOOKUPS.labels(result="cache_hit").inc()
             return info
-        record, error = self._ask(namespace, name)
-        if error is not None:
-            raise SourceUnavailable(error)  # the watcher's own answer, counted there
-        return None if record is None else from_wire(record)
+        key = (namespace, name)
+        with self._misses_lock:
+            if self._missing >= self._misses_in_flight:
+                metrics.LOOKUPS.labels(result="unavailable").inc()
+                raise SourceUnavailable(
+                    f"cannot look up LocustTest {namespace}/{name}: {self._missing} admissions "
+                    "of this worker already wait on LocustTests missing from its copy"
+                )
+            self._missing += 1
+            miss = self._misses.get(key)
+            asking = miss is None
+            if miss is None:
+                miss = self._misses[key] = _Miss()
+        try:
+            if asking:
+                # A failure is counted where it happened: in the watcher, or in _ask.
+                try:
+                    miss.record, miss.error = self._ask(namespace, name)
+                except SourceUnavailable as exc:
+                    miss.error = str(exc)
+                finally:
+                    with self._misses_lock:
+                        del self._misses[key]
+                    miss.settled.set()
+            elif not miss.settled.wait(self._lookup_timeout + 2 * ANSWER_MARGIN):
+                raise SourceUnavailable(f"cannot look up LocustTest {namespace}/{name}: no answer")
+        finally:
+            with self._misses_lock:
+                self._missing -= 1
+        if miss.error is not None:
+            raise SourceUnavailable(miss.error)
+        return None if miss.record is None else from_wire(miss.record)
 
     def _ask(self, namespace: str, name: str) -> tuple[list[Any] | None, str | None]:
         """The watcher's answer to a miss: (record or None, its error or None)."""

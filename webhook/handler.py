@@ -31,6 +31,10 @@ log = logging.getLogger("webhook.admission")
 # full). A test start is a burst of pods of two shapes (master, worker), so 256 covers 128 tests
 # starting at once; when full the memo is emptied and refills on the next pod of each shape.
 MEMO_SIZE = 256
+# A patch longer than this (only a pod with odd containers makes one) is not remembered: 256 of
+# them stay under 16 MB.
+MEMO_PATCH_CHARS = 64 * 1024
+NAME_CHARS = 253  # the longest name of a Kubernetes object, a LocustTest's included
 
 
 def _metadata(pod: Any) -> dict[str, Any]:
@@ -91,10 +95,11 @@ class Handler:
             {
                 "uid": review.uid,
                 "namespace": review.namespace,
-                # Names are at most 253 characters: longer ones (no API server sends them)
-                # are cut, so that a line stays one pipe write.
-                "pod": pod_name[:253] if isinstance(pod_name, str) else "",
-                "locusttest": result.test[:253],
+                # Names are at most 253 characters: a longer pod name (no API server sends
+                # one) is cut, a longer LocustTest name refused above, so that a line stays
+                # one pipe write.
+                "pod": pod_name[:NAME_CHARS] if isinstance(pod_name, str) else "",
+                "locusttest": result.test,
                 "role": result.role,
                 "outcome": result.outcome,
                 "reason": result.reason,
@@ -126,6 +131,9 @@ class Handler:
         test_name = pod_labels.get(TEST_NAME_LABEL) if isinstance(pod_labels, dict) else None
         if not isinstance(test_name, str) or not test_name:
             return Outcome(allowed(review.uid), "skipped", "no-test-label")
+        if len(test_name) > NAME_CHARS:
+            message = f"pod not mutated: its {TEST_NAME_LABEL} label is longer than any name"
+            return Outcome(allowed(review.uid, [message]), "skipped", "malformed-pod")
         namespace = review.namespace or str(metadata.get("namespace") or "")
         try:
             if opted_out(pod):
@@ -195,7 +203,7 @@ class Handler:
         if done is None:
             try:
                 result = mutate(pod, test, namespace, self.settings)
-                patch = diff(pod, result.pod)
+                patch = encode_patch(diff(pod, result.pod))
             except MalformedPod as exc:
                 message = f"pod not mutated: {exc}"
                 return Outcome(allowed(review.uid, [message]), "skipped", "malformed-pod", name)
@@ -213,10 +221,8 @@ class Handler:
                     name,
                     test.required,
                 )
-            done = Mutated(
-                encode_patch(patch), result.warnings, result.mode, result.role, tuple(result.notes)
-            )
-            if key is not None:
+            done = Mutated(patch, result.warnings, result.mode, result.role, tuple(result.notes))
+            if key is not None and len(patch) <= MEMO_PATCH_CHARS:
                 if len(self._memo) >= MEMO_SIZE:
                     self._memo.clear()
                 self._memo[key] = done

@@ -63,10 +63,13 @@ LOOKUPS = Counter(
     "LocustTest lookups, by result (cache_hit, direct_get, not_found, unavailable)",
     ["result"],
 )
+# livemax: the watcher process imports this module too, and holds this gauge at 0 (it serves
+# nothing); the workers all load the same files, so they differ only for the moment a reload
+# takes (a rejected one is counted in CERT_RELOADS).
 CERT_EXPIRY = Gauge(
     "locust_webhook_certificate_expiry_timestamp_seconds",
     "notAfter of the serving certificate, as a Unix timestamp",
-    multiprocess_mode="livemin",
+    multiprocess_mode="livemax",
 )
 CERT_RELOADS = Counter(
     "locust_webhook_certificate_reloads_total",

@@ -106,7 +106,8 @@ def build_source(settings: ServeSettings, feed: str | None) -> LocustTestSource:
     assert feed is not None
     from .feed import FeedSource
 
-    return FeedSource(feed, settings.lookup_timeout)
+    # Half the threads at most wait on LocustTests missing from the copy: the others serve.
+    return FeedSource(feed, settings.lookup_timeout, max(1, settings.threads // 2))
 
 
 def build_app(settings: ServeSettings, source: LocustTestSource) -> Any:

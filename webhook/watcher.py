@@ -71,8 +71,14 @@ class Watcher:
         with self._lock:
             if self._stopping.is_set():
                 raise SourceUnavailable("serve is stopping")
+            # Its TMPDIR is the private directory stop() removes: the Kubernetes client writes
+            # a kubeconfig's embedded certificates and key to temporary files, and deletes them
+            # only at an exit this process never makes (SIGTERM, os._exit).
             process = self._process = subprocess.Popen(
-                self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+                self._command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "TMPDIR": self._directory},
             )
         assert process.stdout is not None
         report = process.stdout.readline().decode().strip()

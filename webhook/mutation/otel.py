@@ -9,7 +9,16 @@ from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from ..models import PROTOCOLS, LocustTestInfo, OtelSpec
-from .pod import Container, Pod, Role, Target, env_value, image_repository, with_container
+from .pod import (
+    Container,
+    Pod,
+    Role,
+    Target,
+    env_value,
+    image_repository,
+    shown,
+    with_container,
+)
 
 RESOURCE_ATTRIBUTES = "OTEL_RESOURCE_ATTRIBUTES"
 SERVICE_NAME = "OTEL_SERVICE_NAME"
@@ -20,6 +29,7 @@ OTEL_FLAG = "--otel"
 # never carries the OpenTelemetry SDK (the extra locust[otel]): locustio/locust-otel does.
 OTEL_SINCE = (2, 42, 4)
 PLAIN_IMAGE = "locustio/locust"
+MEMO_CHARS = 2048  # settings longer than this in all are judged afresh, not remembered
 
 
 def parse_attributes(raw: str) -> dict[str, str]:
@@ -206,12 +216,22 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
             own, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else None
         )
     where = f"LocustTest {test.namespace}/{test.name}"
-    warnings = list(
-        _warnings(
-            where, endpoint, protocol, insecure, attributes if isinstance(attributes, str) else ""
-        )
+    settings = (
+        where,
+        endpoint,
+        protocol,
+        insecure,
+        attributes if isinstance(attributes, str) else "",
     )
-    unusable = _image_warning(where, str(container.get("image") or ""))
+    image = str(container.get("image") or "")
+    # The verdicts are remembered for typical values only: these come from the pod, and a pod
+    # may carry megabytes in them.
+    if sum(len(value) for value in (*settings, image) if isinstance(value, str)) > MEMO_CHARS:
+        warnings = list(_warnings.__wrapped__(*settings))
+        unusable = _image_warning.__wrapped__(where, image)
+    else:
+        warnings = list(_warnings(*settings))
+        unusable = _image_warning(where, image)
     if unusable:
         warnings.append(unusable)
     return warnings
@@ -228,13 +248,13 @@ def _image_warning(where: str, image: str) -> str | None:
     version = re.match(r"(\d+)\.(\d+)\.(\d+)", tag)
     if version and tuple(int(part) for part in version.groups()) < OTEL_SINCE:
         return (
-            f"{where}: image {image}: Locust {tag} has no OpenTelemetry support (it came in "
-            "2.42.4): it stops at --otel (unrecognized arguments) and ignores "
+            f"{where}: image {shown(image)}: Locust {tag} has no OpenTelemetry support (it "
+            "came in 2.42.4): it stops at --otel (unrecognized arguments) and ignores "
             f"{ENABLE_VAR}; use locustio/locust-otel (2.43.4 or later) as the LocustTest's image"
         )
     return (
-        f"{where}: image {image} has no OpenTelemetry SDK: Locust logs 'OpenTelemetry SDK is "
-        "not installed' and exports nothing; use locustio/locust-otel, or an image that "
+        f"{where}: image {shown(image)} has no OpenTelemetry SDK: Locust logs 'OpenTelemetry "
+        "SDK is not installed' and exports nothing; use locustio/locust-otel, or an image that "
         "installs locust[otel], as the LocustTest's image"
     )
 
@@ -280,12 +300,19 @@ def _warnings(
     chosen = "http/protobuf" if chosen == "http" else chosen
     if chosen not in PROTOCOLS:
         warnings.append(
-            f"{where}: protocol {protocol!r} is not supported; use grpc or http/protobuf"
+            f"{where}: protocol {shown(protocol or '')} is not supported; use grpc or http/protobuf"
         )
         return tuple(warnings)
     protocol = chosen
     has_scheme = "://" in endpoint
-    parts = urlsplit(endpoint if has_scheme else f"//{endpoint}")
+    quoted = shown(endpoint)
+    try:
+        parts = urlsplit(endpoint if has_scheme else f"//{endpoint}")
+    except ValueError as exc:  # an unclosed [ipv6 or a host NFKC changes: so do the exporters
+        warnings.append(
+            f"{where}: endpoint {quoted} is not a URL ({exc}): nothing will be exported"
+        )
+        return tuple(warnings)
     scheme = parts.scheme.lower()
     try:
         port = parts.port
@@ -308,15 +335,15 @@ def _warnings(
         insecure_true = insecure is not None and insecure.lower() == "true"
         if scheme == "http" and insecure is not None and not insecure_true:
             warnings.append(
-                f"{where}: OTEL_EXPORTER_OTLP_INSECURE={insecure!r} makes the gRPC exporter use "
-                f"TLS towards {endpoint} (any value but true does): it fails against a plaintext "
+                f"{where}: OTEL_EXPORTER_OTLP_INSECURE={shown(insecure)} makes the gRPC exporter "
+                f"use TLS towards {quoted} (any value but true does): it fails against a plaintext "
                 "collector; remove it"
             )
         if not has_scheme and not insecure_true:
             warnings.append(
-                f"{where}: endpoint {endpoint!r} has no scheme and insecure is not true: the "
+                f"{where}: endpoint {quoted} has no scheme and insecure is not true: the "
                 "gRPC exporter will use TLS and fail against a plaintext collector; use "
-                f"http://{endpoint} or set insecure: true"
+                "http:// before it or set insecure: true"
             )
     if scheme == "https" and isinstance(insecure, str) and insecure.lower() == "true":
         warnings.append(
@@ -327,7 +354,7 @@ def _warnings(
         )
     if protocol == "http/protobuf" and not has_scheme:
         warnings.append(
-            f"{where}: endpoint {endpoint!r} has no scheme: the OTLP/HTTP exporter fails at "
-            f"once; use http://{endpoint}"
+            f"{where}: endpoint {quoted} has no scheme: the OTLP/HTTP exporter fails at "
+            "once; put http:// before it"
         )
     return tuple(warnings)

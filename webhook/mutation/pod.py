@@ -94,6 +94,14 @@ def opted_out(pod: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == "false"
 
 
+SHOWN_CHARS = 100  # of a value quoted in a warning
+
+
+def shown(value: str) -> str:
+    """A value from the pod or the LocustTest, quoted in a warning: cut when long."""
+    return repr(value) if len(value) <= SHOWN_CHARS else repr(value[:SHOWN_CHARS]) + "..."
+
+
 def image_repository(image: str) -> str:
     """The image without its digest and tag; a registry's `:port` is not a tag."""
     name = image.split("@", 1)[0]
@@ -172,9 +180,9 @@ def target_container(pod: Pod) -> int:
         for index, container in enumerate(containers):
             if container["name"] == chosen:
                 if _is_sidecar(container):
-                    raise NoTarget(f"{CONTAINER_ANNOTATION}={chosen} names a sidecar")
+                    raise NoTarget(f"{CONTAINER_ANNOTATION}={shown(chosen)} names a sidecar")
                 return index
-        raise NoTarget(f"{CONTAINER_ANNOTATION}={chosen}: the pod has no such container")
+        raise NoTarget(f"{CONTAINER_ANNOTATION}={shown(chosen)}: the pod has no such container")
     candidates = [(i, c) for i, c in enumerate(containers) if not _is_sidecar(c)]
     if not candidates:
         raise NoTarget("the pod has no container besides sidecars")
@@ -231,7 +239,7 @@ def web_port(container: Container, words: list[str]) -> int:
         or _flag_value(words, "-P")
         or env_value(container, "LOCUST_WEB_PORT")
     )
-    if raw and raw.isdigit() and 0 < int(raw) < 65536:
+    if raw and raw.isdecimal() and 0 < int(raw) < 65536:  # what int() reads, as Locust does
         return int(raw)
     return DEFAULT_WEB_PORT
 
