@@ -342,7 +342,7 @@ def test_the_admission_line_carries_the_answers_warnings(
     ]
     handler = Handler(Source(locusttest("demo")), MutationSettings())
     response, line = admission_line(monkeypatch, handler, operator_pod("demo", "master"))
-    assert "warnings" not in response and line["warnings"] == []
+    assert "warnings" not in response and "warnings" not in line
 
 
 @pytest.mark.parametrize(("policy", "allowed"), [("open", True), ("closed", False)])

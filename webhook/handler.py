@@ -91,25 +91,26 @@ class Handler:
         metrics.admitted(result.outcome, result.reason, elapsed)
         metadata = _metadata(review.object)
         pod_name = metadata.get("generateName") or metadata.get("name")
-        logs.admission(
-            {
-                "uid": review.uid,
-                "namespace": review.namespace,
-                # Names are at most 253 characters: a longer pod name (no API server sends
-                # one) is cut, a longer LocustTest name refused above, so that a line stays
-                # one pipe write.
-                "pod": pod_name[:NAME_CHARS] if isinstance(pod_name, str) else "",
-                "locusttest": result.test,
-                "role": result.role,
-                "outcome": result.outcome,
-                "reason": result.reason,
-                "dry_run": review.dry_run,
-                "ms": round(elapsed * 1000, 3),
-                # The pods that matter are created by the Job controller, which drops the
-                # answer's warnings: the log line is where a user finds them.
-                "warnings": result.response.get("warnings", ()),
-            }
-        )
+        fields = {
+            "uid": review.uid,
+            "namespace": review.namespace,
+            # Names are at most 253 characters: a longer pod name (no API server sends
+            # one) is cut, a longer LocustTest name refused above, so that a line stays
+            # one pipe write.
+            "pod": pod_name[:NAME_CHARS] if isinstance(pod_name, str) else "",
+            "locusttest": result.test,
+            "role": result.role,
+            "outcome": result.outcome,
+            "reason": result.reason,
+            "dry_run": review.dry_run,
+            "ms": round(elapsed * 1000, 3),
+        }
+        # The pods that matter are created by the Job controller, which drops the answer's
+        # warnings: the log line is where a user finds them.
+        warnings = result.response.get("warnings")
+        if warnings:
+            fields["warnings"] = warnings
+        logs.admission(fields)
         return envelope(review.api_version, result.response)
 
     def _refuse_or_allow(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
@@ -29,7 +30,7 @@ OTEL_FLAG = "--otel"
 # never carries the OpenTelemetry SDK (the extra locust[otel]): locustio/locust-otel does.
 OTEL_SINCE = (2, 42, 4)
 PLAIN_IMAGE = "locustio/locust"
-MEMO_CHARS = 2048  # settings longer than this in all are judged afresh, not remembered
+MEMO_CHARS = 1024  # a setting longer than this is judged afresh, not remembered
 
 
 def parse_attributes(raw: str) -> dict[str, str]:
@@ -216,28 +217,25 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
             own, extra, "OTEL_EXPORTER_OTLP_INSECURE", "true" if spec.insecure else None
         )
     where = f"LocustTest {test.namespace}/{test.name}"
+    image = container.get("image")
     settings = (
         where,
         endpoint,
         protocol,
         insecure,
         attributes if isinstance(attributes, str) else "",
+        image if isinstance(image, str) else "",
     )
-    image = str(container.get("image") or "")
     # The verdicts are remembered for typical values only: these come from the pod, and a pod
     # may carry megabytes in them.
-    if sum(len(value) for value in (*settings, image) if isinstance(value, str)) > MEMO_CHARS:
-        warnings = list(_warnings.__wrapped__(*settings))
-        unusable = _image_warning.__wrapped__(where, image)
-    else:
-        warnings = list(_warnings(*settings))
-        unusable = _image_warning(where, image)
-    if unusable:
-        warnings.append(unusable)
-    return warnings
+    judge: Callable[..., tuple[str, ...]] = _warnings
+    for value in settings:
+        if isinstance(value, str) and len(value) > MEMO_CHARS:
+            judge = _warnings.__wrapped__
+            break
+    return list(judge(*settings))
 
 
-@functools.lru_cache(maxsize=256)
 def _image_warning(where: str, image: str) -> str | None:
     """The Locust image cannot export: Locust before OTEL_SINCE, or the plain locustio/locust
     image (any tag, any registry), which lacks the SDK."""
@@ -278,9 +276,12 @@ def service_name_warning(test: LocustTestInfo, container: Container) -> str | No
 # The same few settings come back for every pod of a test: remember their verdicts.
 @functools.lru_cache(maxsize=1024)
 def _warnings(
-    where: str, endpoint: Setting, protocol: Setting, insecure: Setting, attributes: str
+    where: str, endpoint: Setting, protocol: Setting, insecure: Setting, attributes: str, image: str
 ) -> tuple[str, ...]:
     warnings: list[str] = []
+    unusable = _image_warning(where, image)
+    if unusable:
+        warnings.append(unusable)
     if "service.version" in parse_attributes(attributes):
         warnings.append(
             f"{where}: Locust sets service.version to its own version, replacing the "
