@@ -199,3 +199,121 @@ def review(
             "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"},
         },
     }
+
+
+# The Kafka variables the Go (v2) operator puts first on every Locust container; empty values
+# are omitted from the JSON, as Go's omitempty does.
+V2_KAFKA_ENV = [
+    {"name": "KAFKA_BOOTSTRAP_SERVERS", "value": "localhost:9092"},
+    {"name": "KAFKA_SECURITY_ENABLED", "value": "false"},
+    {"name": "KAFKA_SECURITY_PROTOCOL_CONFIG", "value": "SASL_PLAINTEXT"},
+    {"name": "KAFKA_SASL_MECHANISM", "value": "SCRAM-SHA-512"},
+    {"name": "KAFKA_SASL_JAAS_CONFIG"},
+    {"name": "KAFKA_USERNAME"},
+    {"name": "KAFKA_PASSWORD"},
+]
+
+
+def v2_operator_pod(test: dict[str, Any], role: str) -> dict[str, Any]:
+    """The pod of the Job the v2 (Go) locust-k8s-operator builds for a v2 LocustTest, as the
+    Job controller submits it: the operator's own labels and annotations (the role's added),
+    its command with `--otel` before the mode flag when OpenTelemetry is on, unnamed ports, the
+    Kafka, OTel and user variables, and on the master without OpenTelemetry the exporter as a
+    native sidecar with the scrape annotations."""
+    name, spec = test["metadata"]["name"], test["spec"]
+    node = f"{name.replace('.', '-')}-{role}"
+    otel = ((spec.get("observability") or {}).get("openTelemetry") or {}).get("enabled") is True
+    settings = spec["observability"]["openTelemetry"] if otel else {}
+    role_spec = spec[role]
+    words = str(role_spec.get("command", "")).split() + (["--otel"] if otel else [])
+    if role == "master":
+        words += ["--master", "--master-port=5557"]
+        words += [f"--expect-workers={spec['worker'].get('replicas', 1)}", "--autostart"]
+        words += ["--autoquit", "60", "--enable-rebalancing", "--only-summary"]
+        ports = [{"containerPort": port, "protocol": "TCP"} for port in (5557, 5558, 8089)]
+    else:
+        words += ["--worker", "--master-port=5557", f"--master-host={name}-master"]
+        ports = [{"containerPort": 8080, "protocol": "TCP"}]
+    env = [dict(entry) for entry in V2_KAFKA_ENV]
+    if otel:
+        env += [{"name": "OTEL_TRACES_EXPORTER", "value": "otlp"}]
+        env += [{"name": "OTEL_METRICS_EXPORTER", "value": "otlp"}]
+        if settings.get("endpoint"):
+            env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": settings["endpoint"]})
+        protocol = settings.get("protocol") or "grpc"
+        env.append({"name": "OTEL_EXPORTER_OTLP_PROTOCOL", "value": protocol})
+        if settings.get("insecure"):
+            env.append({"name": "OTEL_EXPORTER_OTLP_INSECURE", "value": "true"})
+        extra = settings.get("extraEnvVars") or {}
+        env += [{"name": key, "value": extra[key]} for key in sorted(extra)]
+    env += [dict(entry) for entry in (spec.get("env") or {}).get("variables", ())]
+    container = {
+        "name": node,
+        "image": spec["image"],
+        "imagePullPolicy": spec.get("imagePullPolicy", "IfNotPresent"),
+        "args": words,
+        "ports": ports,
+        "env": env,
+        "resources": {},
+        "volumeMounts": [{"name": node, "mountPath": "/lotest/src"}],
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "File",
+    }
+    annotations: dict[str, str] = {}
+    init_containers = []
+    if role == "master" and not otel:
+        annotations = {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/path": "/metrics",
+            "prometheus.io/port": "9646",
+        }
+        init_containers.append(
+            {
+                "name": "locust-metrics-exporter",
+                "image": "containersol/locust_exporter:v0.5.0",
+                "imagePullPolicy": "IfNotPresent",
+                "restartPolicy": "Always",
+                "ports": [{"containerPort": 9646, "protocol": "TCP"}],
+                "env": [
+                    {"name": "LOCUST_EXPORTER_URI", "value": "http://localhost:8089"},
+                    {"name": "LOCUST_EXPORTER_WEB_LISTEN_ADDRESS", "value": ":9646"},
+                ],
+                "resources": {},
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                    "readOnlyRootFilesystem": True,
+                },
+            }
+        )
+    annotations.update(role_spec.get("annotations") or {})
+    job_uid = str(uuid.uuid5(uuid.NAMESPACE_DNS, node))
+    labels = {"app": name, "performance-test-pod-name": node, "managed-by": "locust-k8s-operator"}
+    labels |= {"performance-test-name": name, **(role_spec.get("labels") or {})}
+    labels |= {"batch.kubernetes.io/controller-uid": job_uid, "controller-uid": job_uid}
+    labels |= {"batch.kubernetes.io/job-name": node, "job-name": node}
+    metadata: dict[str, Any] = {
+        "generateName": f"{node}-",
+        "labels": labels,
+        "ownerReferences": [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": node,
+                "uid": job_uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if annotations:
+        metadata["annotations"] = annotations
+    pod_spec: dict[str, Any] = {
+        "containers": [container],
+        "restartPolicy": "Never",
+        "volumes": [{"name": node, "configMap": {"name": spec["testFiles"]["configMapRef"]}}],
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if init_containers:
+        pod_spec["initContainers"] = init_containers
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
