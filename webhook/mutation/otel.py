@@ -309,7 +309,7 @@ def _warnings(
     quoted = shown(endpoint)
     try:
         parts = urlsplit(endpoint if has_scheme else f"//{endpoint}")
-    except ValueError as exc:  # an unclosed [ipv6 or a host NFKC changes: so do the exporters
+    except ValueError as exc:  # an unclosed [ (IPv6), a host NFKC alters: the exporters fail too
         warnings.append(
             f"{where}: endpoint {quoted} is not a URL ({exc}): nothing will be exported"
         )
