@@ -68,7 +68,6 @@ def operator_pod(
     is the LocustTest's command for the role (default: the samples' `--locustfile`)."""
     base = test_name.replace(".", "-")
     pod_name = f"{base}-{role}"
-    job_uid = str(uuid.uuid5(uuid.NAMESPACE_DNS, pod_name))
     args = [*(command or ["--locustfile", "/lotest/src/locustfile.py"]), *(extra_args or [])]
     if role == "master":
         args += [
@@ -116,35 +115,16 @@ def operator_pod(
                 "resources": {},
             }
         )
-    metadata: dict[str, Any] = {
-        "generateName": f"{pod_name}-",
-        "labels": {
-            "app": pod_name,
-            "managed-by": "locust-k8s-operator",
-            "performance-test-name": test_name,
-            "performance-test-pod-name": pod_name,
-            "batch.kubernetes.io/controller-uid": job_uid,
-            "batch.kubernetes.io/job-name": pod_name,
-            "controller-uid": job_uid,
-            "job-name": pod_name,
-        },
-        "ownerReferences": [
-            {
-                "apiVersion": "batch/v1",
-                "kind": "Job",
-                "name": pod_name,
-                "uid": job_uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
+    labels = {
+        "app": pod_name,
+        "managed-by": "locust-k8s-operator",
+        "performance-test-name": test_name,
+        "performance-test-pod-name": pod_name,
     }
-    if annotations:
-        metadata["annotations"] = dict(annotations)
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": metadata,
+        "metadata": job_pod_metadata(pod_name, labels, annotations),
         "spec": {
             "containers": containers,
             "restartPolicy": "Never",
@@ -164,6 +144,37 @@ def operator_pod(
         },
         "status": {},
     }
+
+
+def job_pod_metadata(
+    job: str, labels: dict[str, str], annotations: dict[str, str] | None
+) -> dict[str, Any]:
+    """A pod's metadata as the Job controller submits it for the Job `job`: generateName, the
+    Job's labels added to the template's, and the Job as its controlling owner."""
+    job_uid = str(uuid.uuid5(uuid.NAMESPACE_DNS, job))
+    metadata: dict[str, Any] = {
+        "generateName": f"{job}-",
+        "labels": {
+            **labels,
+            "batch.kubernetes.io/controller-uid": job_uid,
+            "batch.kubernetes.io/job-name": job,
+            "controller-uid": job_uid,
+            "job-name": job,
+        },
+        "ownerReferences": [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": job,
+                "uid": job_uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
+    }
+    if annotations:
+        metadata["annotations"] = dict(annotations)
+    return metadata
 
 
 def review(
@@ -287,27 +298,8 @@ def v2_operator_pod(test: dict[str, Any], role: str) -> dict[str, Any]:
             }
         )
     annotations.update(role_spec.get("annotations") or {})
-    job_uid = str(uuid.uuid5(uuid.NAMESPACE_DNS, node))
     labels = {"app": name, "performance-test-pod-name": node, "managed-by": "locust-k8s-operator"}
     labels |= {"performance-test-name": name, **(role_spec.get("labels") or {})}
-    labels |= {"batch.kubernetes.io/controller-uid": job_uid, "controller-uid": job_uid}
-    labels |= {"batch.kubernetes.io/job-name": node, "job-name": node}
-    metadata: dict[str, Any] = {
-        "generateName": f"{node}-",
-        "labels": labels,
-        "ownerReferences": [
-            {
-                "apiVersion": "batch/v1",
-                "kind": "Job",
-                "name": node,
-                "uid": job_uid,
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ],
-    }
-    if annotations:
-        metadata["annotations"] = annotations
     pod_spec: dict[str, Any] = {
         "containers": [container],
         "restartPolicy": "Never",
@@ -316,4 +308,5 @@ def v2_operator_pod(test: dict[str, Any], role: str) -> dict[str, Any]:
     }
     if init_containers:
         pod_spec["initContainers"] = init_containers
+    metadata = job_pod_metadata(node, labels, annotations)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

@@ -237,23 +237,14 @@ class FeedServer:
 
 
 class _Answer:
-    """A lookup the worker waits for."""
+    """A lookup the worker waits for: a request on the wire (set by the feed thread), or a miss
+    in `FeedSource.get` (set by the thread that asked, for those that wait on it)."""
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.record: list[Any] | None = None
         self.error: str | None = None
         self.lost = False  # the connection closed before the answer came
-
-
-class _Miss:
-    """A LocustTest missing from the copy, being looked up: its answer, once settled, is the
-    record (None: not found) or the failure."""
-
-    def __init__(self) -> None:
-        self.settled = threading.Event()
-        self.record: list[Any] | None = None
-        self.error: str | None = None
 
 
 class FeedSource:
@@ -277,7 +268,7 @@ class FeedSource:
         self._conn: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._waiting: dict[int, _Answer] = {}
-        self._misses: dict[tuple[str, str], _Miss] = {}
+        self._misses: dict[tuple[str, str], _Answer] = {}  # set once the asker has its answer
         self._misses_lock = threading.Lock()
         self._ids = itertools.count()
         self._stopping = threading.Event()
@@ -324,7 +315,7 @@ class FeedSource:
             miss = self._misses.get(key)
             asking = miss is None
             if miss is None:
-                miss = self._misses[key] = _Miss()
+                miss = self._misses[key] = _Answer()
         try:
             if asking:
                 # A failure is counted where it happened: in the watcher, or in _ask.
@@ -335,8 +326,8 @@ class FeedSource:
                 finally:
                     with self._misses_lock:
                         del self._misses[key]
-                    miss.settled.set()
-            elif not miss.settled.wait(self._lookup_timeout + 2 * ANSWER_MARGIN):
+                    miss.done.set()
+            elif not miss.done.wait(self._lookup_timeout + 2 * ANSWER_MARGIN):
                 raise SourceUnavailable(f"cannot look up LocustTest {namespace}/{name}: no answer")
         finally:
             with self._misses_lock:

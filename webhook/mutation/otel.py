@@ -247,7 +247,8 @@ def _image_warning(where: str, image: str) -> str | None:
     if version and tuple(int(part) for part in version.groups()) < OTEL_SINCE:
         return (
             f"{where}: image {shown(image)}: Locust {tag} has no OpenTelemetry support (it "
-            "came in 2.42.4): it stops at --otel (unrecognized arguments) and ignores "
+            f"came in {'.'.join(map(str, OTEL_SINCE))}): it stops at --otel (unrecognized "
+            "arguments) and ignores "
             f"{ENABLE_VAR}; use locustio/locust-otel (2.43.4 or later) as the LocustTest's image"
         )
     return (
