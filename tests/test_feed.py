@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -22,7 +23,7 @@ from webhook import feed
 from webhook.cache import ClusterSource
 from webhook.feed import FeedServer, FeedSource
 from webhook.lookup import SourceUnavailable
-from webhook.models import from_wire, parse_locusttest, to_wire
+from webhook.models import LocustTestInfo, from_wire, parse_locusttest, to_wire
 
 
 class InThreadWatcher:
@@ -160,38 +161,90 @@ def test_a_miss_is_looked_up_by_the_watcher(
     assert worker.get("default", "never-created") is None
 
 
-def test_admissions_waiting_on_misses_are_bounded_and_share_a_lookup(
-    start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
-) -> None:
-    """Pods naming a LocustTest that does not exist cannot hold every thread of a worker for
-    the lookup timeout (the watcher retries a 404 for it): beyond `misses_in_flight` waiting,
-    a miss fails at once; those of one LocustTest wait on one lookup."""
-    start_watcher()
-    wait_until(worker.ready)
-    results: list[object] = []
+def count_asks(worker: FeedSource) -> list[str]:
+    """The names the worker asks its watcher about, from now on."""
+    asked: list[str] = []
+    ask = worker._ask
 
-    def look_up(name: str) -> None:
+    def counted(namespace: str, name: str) -> Any:
+        asked.append(name)
+        return ask(namespace, name)
+
+    worker._ask = counted  # type: ignore[method-assign]
+    return asked
+
+
+def concurrently(worker: FeedSource, names: list[str]) -> list[object]:
+    """What `get` gives for each name (or raises), all asked at once."""
+    results: list[object] = [None] * len(names)
+
+    def look_up(index: int) -> None:
         try:
-            results.append(worker.get("default", name))
+            results[index] = worker.get("default", names[index])
         except SourceUnavailable as exc:
-            results.append(exc)
+            results[index] = exc
 
-    threads = [threading.Thread(target=look_up, args=("absent",)) for _ in range(IN_FLIGHT)]
+    threads = [threading.Thread(target=look_up, args=(i,)) for i in range(len(names))]
     for thread in threads:
         thread.start()
-    wait_until(lambda: worker._missing == IN_FLIGHT)
-    assert list(worker._misses) == [("default", "absent")]  # one lookup for all of them
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def test_the_pods_of_a_locusttest_missing_from_the_copy_share_one_lookup_and_its_answer(
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
+) -> None:
+    """More of them than lookups may be in flight: none is refused, all get the answer."""
+    start_watcher()
+    wait_until(worker.ready)
+    api.lag = 30.0  # the watch will not deliver it in time
+    api.create(locusttest("fresh", endpoint="http://direct:4317"))
+    api.latency = 0.5
+    asked = count_asks(worker)
+    found = concurrently(worker, ["fresh"] * (2 * IN_FLIGHT))
+    assert all(isinstance(info, LocustTestInfo) and info.name == "fresh" for info in found), found
+    assert asked == ["fresh"]
+    api.stop()  # the watcher's error, once, for all of them
+    failed = concurrently(worker, ["unreachable"] * (2 * IN_FLIGHT))
+    assert all(isinstance(exc, SourceUnavailable) for exc in failed), failed
+    assert len({str(exc) for exc in failed}) == 1
+    assert asked == ["fresh", "unreachable"]
+
+
+def test_lookups_in_flight_are_bounded_and_an_absence_is_remembered(
+    start_watcher: Callable[[], InThreadWatcher],
+    worker: FeedSource,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pods naming LocustTests that do not exist cannot hold every thread of a worker for the
+    lookup timeout (the watcher retries a 404 for it): beyond `misses_in_flight` lookups a miss
+    fails at once, and one found absent is not asked about again for a while."""
+    start_watcher()
+    wait_until(worker.ready)
+    asked = count_asks(worker)
+    names = [f"absent-{i}" for i in range(IN_FLIGHT)]
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.extend(concurrently(worker, names)))
+    thread.start()
+    wait_until(lambda: len(worker._misses) == IN_FLIGHT)
     unavailable = lookups("unavailable")
     started = time.monotonic()
-    with pytest.raises(SourceUnavailable, match=f"{IN_FLIGHT} admissions of this worker already"):
-        worker.get("default", "another")
+    with pytest.raises(SourceUnavailable, match=f"already looking up {IN_FLIGHT} LocustTests"):
+        worker.get("default", "one-too-many")
     assert time.monotonic() - started < 0.5
     assert lookups("unavailable") == unavailable + 1
-    for thread in threads:
-        thread.join(5)
+    thread.join(10)
     assert results == [None] * IN_FLIGHT  # every one of them answered: not found
-    assert worker._missing == 0 and worker._misses == {}
-    assert worker.get("default", "another") is None  # room again
+    assert worker._misses == {}
+    started = time.monotonic()
+    assert worker.get("default", "absent-0") is None
+    assert time.monotonic() - started < 0.5
+    assert sorted(asked) == names  # absent-0 not asked about again
+    monkeypatch.setattr(feed, "ABSENT_SECONDS", 0.0)
+    assert worker.get("default", "brief") is None
+    assert worker.get("default", "brief") is None
+    assert asked.count("brief") == 2  # its absence was forgotten at once: asked again
 
 
 def test_the_watchers_error_reaches_the_worker(

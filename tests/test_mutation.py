@@ -1037,6 +1037,9 @@ def test_service_version_in_resource_attributes_is_warned_about() -> None:
     [
         ("locustio/locust:2.20.0", "2.20.0 has no OpenTelemetry support"),
         ("locustio/locust:2.42.3", "has no OpenTelemetry support"),
+        ("registry.example.com:5000/locustio/locust:2.40.0", "has no OpenTelemetry support"),
+        ("locustio/locust:2.42.4", "has no OpenTelemetry SDK"),  # --otel, but no SDK
+        ("locustio/locust:2.43.4-python3.12", "has no OpenTelemetry SDK"),
         ("locustio/locust:2.47.0", "has no OpenTelemetry SDK"),
         ("docker.io/locustio/locust:2.43.1", "has no OpenTelemetry SDK"),
         ("locustio/locust", "has no OpenTelemetry SDK"),

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -148,6 +149,31 @@ def test_lagging_watch_is_covered_by_a_direct_get(api: FakeKubeAPI, tmp_path: Pa
         api.create(locusttest("fresh", otel=OTEL))
         response = server.admit(operator_pod("fresh", "worker"))
         assert "--otel" in json.dumps(patch_of(response))
+
+
+def test_a_burst_of_pods_of_a_locusttest_missing_from_the_copy_is_injected_whole(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """More pods than the worker lets look up LocustTests at once (half its 8 threads): they
+    wait on the one lookup of their LocustTest, none is turned away."""
+    env = cluster_env(api, tmp_path)
+    with serve(tmp_path, "--workers", "1", "--threads", "8", env=env) as server:
+        wait_until(lambda: server.copies_received() == 1)
+        api.lag = 30.0
+        api.create(locusttest("burst", otel=OTEL))
+        api.latency = 0.5
+        results: list[dict[str, Any]] = []
+
+        def one() -> None:
+            results.append(server.admit(operator_pod("burst", "worker")))
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+        assert len(results) == 8
+        assert all("--otel" in json.dumps(patch_of(r)) for r in results), results
 
 
 def test_expired_watch_relists_and_keeps_serving(api: FakeKubeAPI, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -39,6 +40,11 @@ SEND_TIMEOUT = 5.0  # a worker that reads nothing for this long is dropped
 MAX_BEHIND = 32 * 1024 * 1024  # bytes waiting for a worker before it is dropped (it then
 # reconnects and starts again from a full copy); a single message of any size is let through
 ANSWER_MARGIN = 1.0  # on top of the lookup timeout, for the watcher's answer to arrive
+# A LocustTest the watcher found absent is taken for absent, without asking again, this long
+# (the copy is read first: one the watch delivers meanwhile is found): the rest of a burst of
+# pods naming it is answered at once. At most ABSENT_MAX are remembered.
+ABSENT_SECONDS = 5.0
+ABSENT_MAX = 1024
 
 
 def _line(message: list[Any]) -> bytes:
@@ -257,18 +263,18 @@ class FeedSource:
     def __init__(self, path: str, lookup_timeout: float = 1.5, misses_in_flight: int = 8) -> None:
         self._path = path
         self._lookup_timeout = lookup_timeout
-        # Admissions that may wait on LocustTests missing from the copy at once; one more fails
-        # at once (SourceUnavailable: the failure policy), so that pods naming LocustTests that
-        # do not exist cannot hold every thread for the lookup timeout. Those of the same
-        # LocustTest share one lookup.
+        # Lookups of LocustTests missing from the copy in flight at once; one more fails at
+        # once (SourceUnavailable: the failure policy), so that pods naming LocustTests that do
+        # not exist cannot hold every thread for the lookup timeout. The pods of a LocustTest
+        # being looked up wait on that lookup.
         self._misses_in_flight = misses_in_flight
-        self._missing = 0
         self._view: dict[tuple[str, str], LocustTestInfo] = {}
         self._synced = False
         self._conn: socket.socket | None = None
         self._send_lock = threading.Lock()
         self._waiting: dict[int, _Answer] = {}
         self._misses: dict[tuple[str, str], _Answer] = {}  # set once the asker has its answer
+        self._absent: dict[tuple[str, str], float] = {}  # until when (time.monotonic)
         self._misses_lock = threading.Lock()
         self._ids = itertools.count()
         self._stopping = threading.Event()
@@ -305,33 +311,38 @@ class FeedSource:
             return info
         key = (namespace, name)
         with self._misses_lock:
-            if self._missing >= self._misses_in_flight:
-                metrics.LOOKUPS.labels(result="unavailable").inc()
-                raise SourceUnavailable(
-                    f"cannot look up LocustTest {namespace}/{name}: {self._missing} admissions "
-                    "of this worker already wait on LocustTests missing from its copy"
-                )
-            self._missing += 1
+            if self._absent.get(key, 0.0) > time.monotonic():
+                metrics.LOOKUPS.labels(result="not_found").inc()
+                return None
             miss = self._misses.get(key)
             asking = miss is None
             if miss is None:
+                if len(self._misses) >= self._misses_in_flight:
+                    metrics.LOOKUPS.labels(result="unavailable").inc()
+                    raise SourceUnavailable(
+                        f"cannot look up LocustTest {namespace}/{name}: this worker is already "
+                        f"looking up {len(self._misses)} LocustTests missing from its copy"
+                    )
                 miss = self._misses[key] = _Answer()
-        try:
-            if asking:
-                # A failure is counted where it happened: in the watcher, or in _ask.
-                try:
-                    miss.record, miss.error = self._ask(namespace, name)
-                except SourceUnavailable as exc:
-                    miss.error = str(exc)
-                finally:
-                    with self._misses_lock:
-                        del self._misses[key]
-                    miss.done.set()
-            elif not miss.done.wait(self._lookup_timeout + 2 * ANSWER_MARGIN):
-                raise SourceUnavailable(f"cannot look up LocustTest {namespace}/{name}: no answer")
-        finally:
-            with self._misses_lock:
-                self._missing -= 1
+                # What those waiting on it are told if the asker fails on something else.
+                miss.error = f"cannot look up LocustTest {namespace}/{name}: internal error"
+        if asking:
+            # A failure is counted where it happened: in the watcher, or in _ask.
+            try:
+                miss.record, miss.error = self._ask(namespace, name)
+            except SourceUnavailable as exc:
+                miss.error = str(exc)
+            finally:
+                with self._misses_lock:
+                    del self._misses[key]
+                    if miss.record is None and miss.error is None:
+                        if len(self._absent) >= ABSENT_MAX:
+                            self._absent.clear()
+                        self._absent[key] = time.monotonic() + ABSENT_SECONDS
+                miss.done.set()
+        elif not miss.done.wait(self._lookup_timeout + 2 * ANSWER_MARGIN):
+            metrics.LOOKUPS.labels(result="unavailable").inc()
+            raise SourceUnavailable(f"cannot look up LocustTest {namespace}/{name}: no answer")
         if miss.error is not None:
             raise SourceUnavailable(miss.error)
         return None if miss.record is None else from_wire(miss.record)

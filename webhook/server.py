@@ -106,7 +106,7 @@ def build_source(settings: ServeSettings, feed: str | None) -> LocustTestSource:
     assert feed is not None
     from .feed import FeedSource
 
-    # Half the threads at most wait on LocustTests missing from the copy: the others serve.
+    # Lookups of as many LocustTests missing from the copy as half the threads, at most.
     return FeedSource(feed, settings.lookup_timeout, max(1, settings.threads // 2))
 
 

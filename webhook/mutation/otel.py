@@ -333,8 +333,8 @@ def _warnings(
     # The gRPC exporter reads OTEL_EXPORTER_OTLP_INSECURE, when it is set at all, as true
     # only when it is "true" in any case, not stripped: any other value, '' included, means
     # TLS. Unset (None), TLS unless the scheme is http.
+    insecure_true = isinstance(insecure, str) and insecure.lower() == "true"
     if protocol == "grpc" and insecure is not UNKNOWN:
-        insecure_true = insecure is not None and insecure.lower() == "true"
         if scheme == "http" and insecure is not None and not insecure_true:
             warnings.append(
                 f"{where}: OTEL_EXPORTER_OTLP_INSECURE={shown(insecure)} makes the gRPC exporter "
@@ -347,7 +347,7 @@ def _warnings(
                 "gRPC exporter will use TLS and fail against a plaintext collector; use "
                 "http:// before it or set insecure: true"
             )
-    if scheme == "https" and isinstance(insecure, str) and insecure.lower() == "true":
+    if scheme == "https" and insecure_true:
         warnings.append(
             f"{where}: insecure is true but the endpoint is https://: the Python OTLP exporters "
             "then use TLS and verify the collector's certificate all the same; use http:// for "
