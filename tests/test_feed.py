@@ -144,13 +144,21 @@ def test_a_worker_that_connects_late_gets_the_whole_cache(
         late.stop()
 
 
+def created_but_not_delivered(
+    api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
+) -> None:
+    """A watcher, the worker with its copy, and LocustTest default/fresh created where only a
+    direct GET finds it: the watch will not deliver it in time."""
+    start_watcher()
+    wait_until(worker.ready)
+    api.lag = 30.0
+    api.create(locusttest("fresh", endpoint="http://direct:4317"))
+
+
 def test_a_miss_is_looked_up_by_the_watcher(
     api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
 ) -> None:
-    start_watcher()
-    wait_until(worker.ready)
-    api.lag = 30.0  # the watch will not deliver it in time
-    api.create(locusttest("fresh", endpoint="http://direct:4317"))
+    created_but_not_delivered(api, start_watcher, worker)
     hits = lookups("cache_hit")
     info = worker.get("default", "fresh")
     assert info is not None and info.otel is not None and info.otel.endpoint == "http://direct:4317"
@@ -196,10 +204,7 @@ def test_the_pods_of_a_locusttest_missing_from_the_copy_share_one_lookup_and_its
     api: FakeKubeAPI, start_watcher: Callable[[], InThreadWatcher], worker: FeedSource
 ) -> None:
     """More of them than lookups may be in flight: none is refused, all get the answer."""
-    start_watcher()
-    wait_until(worker.ready)
-    api.lag = 30.0  # the watch will not deliver it in time
-    api.create(locusttest("fresh", endpoint="http://direct:4317"))
+    created_but_not_delivered(api, start_watcher, worker)
     api.latency = 0.5
     asked = count_asks(worker)
     found = concurrently(worker, ["fresh"] * (2 * IN_FLIGHT))
