@@ -374,6 +374,26 @@ def test_the_watcher_process_leaves_when_serve_is_killed(api: FakeKubeAPI, tmp_p
             shutil.rmtree(feed_directory, ignore_errors=True)  # serve had no chance to
 
 
+def test_a_watcher_that_failed_to_start_leaves_no_gauge_behind(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """A watcher process that sets its gauges and then cannot watch (here: no kubeconfig) is
+    forgotten like one that ran: its cache_synced 0 (a `livemin` gauge) would otherwise hold
+    /metrics at 0 after the next watcher synced, an alert that never clears."""
+    with serve_with_metrics_dir(api, tmp_path) as (server, metrics_dir):
+        kubeconfig = tmp_path / "kubeconfig"
+        saved = kubeconfig.read_bytes()
+        kubeconfig.unlink()
+        os.kill(server.watcher(), signal.SIGKILL)
+        wait_until(lambda: server.log().count("cannot restart the LocustTest watcher") >= 2)
+        kubeconfig.write_bytes(saved)
+        wait_until(lambda: server.log().count("LocustTests at the cluster scope") == 2, timeout=30)
+        wait_until(lambda: "locust_webhook_cache_synced 1.0" in server.metrics())
+        live = {server.watcher(), *server.workers(2)}
+        gauges = {path.name for path in metrics_dir.glob("gauge_livemin_*.db")}
+        assert gauges == {f"gauge_livemin_{pid}.db" for pid in live}
+
+
 def test_a_watcher_that_cannot_restart_is_retried_after_growing_pauses(
     api: FakeKubeAPI, tmp_path: Path
 ) -> None:

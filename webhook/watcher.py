@@ -85,6 +85,7 @@ class Watcher:
         process.stdout.close()
         if report != "ok":
             process.wait()
+            forget_process(process.pid)  # it may have set its gauges before failing
             raise SourceUnavailable(
                 report.removeprefix("error: ")
                 or f"the LocustTest watcher process exited with code {process.returncode}"
