@@ -318,6 +318,30 @@ def test_silent_watch_is_taken_for_dead_and_restarted(
     assert len(api.lists()) == 1  # resumed, not re-listed
 
 
+def test_a_quiet_watch_without_bookmarks_ends_by_its_timeout_not_as_dead(
+    api: FakeKubeAPI, make_source: MakeSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An API server sends no bookmark until its watch cache has seen a change (and none is
+    promised): a watch of an unchanging cluster is silent. The server must end it (the
+    timeoutSeconds asked) before WATCH_SILENCE takes it for dead, logs a failure and backs off.
+    The real timings, 30 times faster."""
+    scale = 30
+    monkeypatch.setattr(cache, "WATCH_SILENCE", cache.WATCH_SILENCE / scale)
+    api.bookmark_interval = 3600.0
+    errors = metric("locust_webhook_watch_restarts_total", reason="error")
+    closed = metric("locust_webhook_watch_restarts_total", reason="closed")
+    source = make_source(watch_timeout=cache.WATCH_TIMEOUT / scale)
+    wait_until(source.ready)
+    wait_until(
+        lambda: metric("locust_webhook_watch_restarts_total", reason="closed") >= closed + 2,
+        timeout=15,
+    )
+    assert metric("locust_webhook_watch_restarts_total", reason="error") == errors
+    api.create(locusttest("load-a"))
+    wait_until(lambda: source.size() == 1, timeout=2)
+    assert len(api.lists()) == 1
+
+
 def test_watches_that_end_at_once_are_resumed_with_backoff(
     api: FakeKubeAPI, make_source: MakeSource
 ) -> None:

@@ -33,6 +33,12 @@ CONNECT_TIMEOUT = 5.0
 # flow), and the watch resumed. Waiting for timeoutSeconds instead left the cache 4-6 minutes
 # behind.
 WATCH_SILENCE = 150.0
+# A watch asks the server to end it after WATCH_TIMEOUT to 1.5 times that (spread, so that the
+# watches of several replicas do not all end together). Bookmarks are not guaranteed (an API
+# server's watch cache sends none until it has seen a LocustTest change, up to etcd's 10-minute
+# progress notifications): a quiet watch must end by its timeout before WATCH_SILENCE, not be
+# taken for dead and backed off as a failure.
+WATCH_TIMEOUT = 90.0
 # A watch the server ends sooner than this (a draining server, a proxy) is resumed after a
 # backoff, not at once: an API that closes every watch at once would be asked in a loop.
 SHORT_WATCH = 1.0
@@ -89,7 +95,7 @@ class ClusterSource:
         namespaces: tuple[str, ...] = (),
         lookup_timeout: float = 1.5,
         *,
-        watch_timeout: float = 240.0,
+        watch_timeout: float = WATCH_TIMEOUT,
         listener: Listener | None = None,
     ) -> None:
         self._namespaces = frozenset(namespaces)
