@@ -1128,3 +1128,32 @@ def test_malformed_pod_is_refused_as_malformed(path: str, value: Any) -> None:
         mutate(
             pod, parse_locusttest(locusttest("demo", otel=otel())), "default", MutationSettings()
         )
+
+
+@pytest.mark.parametrize("env_from", [[], [{"configMapRef": {"name": "shop-settings"}}]])
+def test_variables_the_webhook_cannot_see_in_env_from_are_warned_about(
+    env_from: list[dict[str, Any]],
+) -> None:
+    """The kubelet lets env override envFrom: an OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES
+    from a ConfigMap would be replaced by the ones injected, which the webhook cannot avoid
+    (it does not read ConfigMaps), so it says so."""
+    pod = operator_pod("demo", "master")
+    pod["spec"]["containers"][0]["envFrom"] = env_from
+    m = run_mutation(pod, locusttest("demo", otel=otel()))
+    assert "OTEL_SERVICE_NAME" in json.dumps(m.patch)
+    if env_from:
+        [warning] = m.result.warnings
+        assert "from envFrom, which the webhook cannot read" in warning
+        assert "extraEnvVars" in warning
+    else:
+        assert m.result.warnings == []
+
+
+def test_env_from_is_not_warned_about_when_nothing_is_added_to_env() -> None:
+    pod = operator_pod("demo", "master")
+    pod["spec"]["containers"][0]["envFrom"] = [{"secretRef": {"name": "api-keys"}}]
+    done = run_mutation(pod, locusttest("demo", otel=otel())).pod
+    again = run_mutation(done, locusttest("demo", otel=otel()))
+    assert again.patch == [] and again.result.warnings == []
+    sidecar = run_mutation(pod, locusttest("demo"))  # exporter mode: env is not touched
+    assert sidecar.result.warnings == []

@@ -21,6 +21,7 @@ from .exporter import (
 from .otel import (
     add_otel_flag,
     configured_natively,
+    env_from_warning,
     inject_otel_env,
     otel_warnings,
     service_name_warning,
@@ -139,6 +140,9 @@ def mutate(
         pod, env_added = inject_otel_env(
             pod, index, test, namespace, target, settings.resource_attributes
         )
+        hidden = env_from_warning(test, container) if env_added else None
+        if hidden:
+            warnings.append(hidden)
         pod, flag_added = add_otel_flag(pod, index, target)
         added = env_added + flag_added
     elif target.role == "master":

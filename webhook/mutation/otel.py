@@ -274,6 +274,20 @@ def service_name_warning(test: LocustTestInfo, container: Container) -> str | No
     )
 
 
+def env_from_warning(test: LocustTestInfo, container: Container) -> str | None:
+    """Variables from the container's envFrom (a ConfigMap or Secret, e.g. the v2 operator's
+    spec.env refs) are invisible here, and the kubelet lets env override them: a user's
+    OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES there would be replaced by the injected ones."""
+    if not container.get("envFrom"):
+        return None
+    return (
+        f"LocustTest {test.namespace}/{test.name}: the Locust container also takes variables "
+        "from envFrom, which the webhook cannot read, and the variables it adds to env replace "
+        "any of the same name there: set OpenTelemetry variables in "
+        "spec.observability.openTelemetry.extraEnvVars instead"
+    )
+
+
 # The same few settings come back for every pod of a test: remember their verdicts.
 @functools.lru_cache(maxsize=1024)
 def _warnings(
