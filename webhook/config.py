@@ -222,7 +222,9 @@ SERVE_OPTIONS = (
         "--lookup-timeout",
         "1.5",
         _seconds,
-        "seconds the direct GET (with retries) may take when a LocustTest is not in the cache",
+        "seconds the direct GET (with retries) may take when a LocustTest is not in the cache; "
+        "keep it 2 s under the webhook configuration's timeoutSeconds (5), or the API server's "
+        "failure policy answers before the webhook does",
     ),
     Option(
         "--failure-policy",
