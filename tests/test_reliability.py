@@ -780,6 +780,41 @@ def test_silent_connections_past_the_connection_limit_do_not_lock_out_new_client
         reliability.add(5, 0)
 
 
+# The first bytes of a TLS 1.2+ ClientHello record that announces more than follows.
+PARTIAL_CLIENT_HELLO = bytes.fromhex("160301020001") + b"\x00" * 16
+
+
+def test_connections_that_end_mid_handshake_leave_the_connection_limit_as_it_was(
+    tmp_path: Path, reliability: Recorder
+) -> None:
+    """A connection whose TLS ends before its request (a probe, a client that gives up in the
+    handshake) was counted closed twice by gunicorn's worker: each one raised the 1,000
+    connection limit by one, until silent connections could take every file descriptor. After
+    300 such connections, 1,000 silent ones still make room: the oldest is closed at once,
+    not at the end of its read budget. And a worker at its limit that makes room while the
+    connections it closes have news waiting in the same poll does not die of it."""
+    locusttests = tmp_path / "locusttests"
+    locusttests.mkdir()
+    (locusttests / "t.yaml").write_text(json.dumps(locusttest("abuse", otel=OTEL)))
+    with serve(tmp_path, "--workers", "1", "--locusttests", str(locusttests)) as server:
+        (worker,) = server.workers(1)
+        baseline = len(os.listdir(f"/proc/{worker}/fd"))
+        for _ in range(300):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+                raw.sendall(PARTIAL_CLIENT_HELLO)
+        wait_until(lambda: len(os.listdir(f"/proc/{worker}/fd")) <= baseline, what="closed")
+        with contextlib.ExitStack() as held:
+            quiet = [held.enter_context(silent(server)) for _ in range(1000 + 20)]
+            # Evicted to make room, long before REQUEST_READ_BUDGET: a timeout here is the bug.
+            assert read_until_closed(quiet[0], limit=REQUEST_READ_BUDGET / 2) == b""
+        # The silent connections close while this one connects: the worker, still at its limit,
+        # makes room among connections whose end it is about to read.
+        assert is_patched(server.admit(operator_pod("abuse", "worker")))
+        assert server.workers(1, timeout=0) == {worker}, "the worker died"
+        assert "Traceback" not in server.log()
+        reliability.add(300 + 1020 + 1, 0)
+
+
 def test_clients_that_never_close_hold_up_no_one(healthy: Server, reliability: Recorder) -> None:
     """Clients that ask for `Connection: close`, get their answer and keep the socket open:
     gunicorn's closing drain waits for them on the worker's main loop, briefly (LINGER_IDLE)."""

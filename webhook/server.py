@@ -146,6 +146,17 @@ class WebhookWorker(ThreadWorker):  # type: ignore[misc]
         if self.nr_conns >= self.worker_connections:
             self._make_room(conn)
 
+    # One poll returns the events of many connections; one evicted by _make_room while an
+    # earlier event was handled (closed: fileno -1) is passed over, not handed to gunicorn,
+    # whose unregister of a closed socket raised and ended the worker.
+    def on_pending_socket_readable(self, conn: TConn, client: Any) -> None:
+        if conn.sock.fileno() != -1:
+            super().on_pending_socket_readable(conn, client)
+
+    def on_client_socket_readable(self, conn: TConn, client: Any) -> None:
+        if conn.sock.fileno() != -1:
+            super().on_client_socket_readable(conn, client)
+
     def _make_room(self, new: TConn) -> None:
         waiting: deque[TConn]
         for waiting in (self.pending_conns, self.keepalived_conns):

@@ -71,6 +71,12 @@ class DeadlineSSLSocket(ssl.SSLSocket):
         self.settimeout(REQUEST_READ_BUDGET)
 
     def setblocking(self, flag: bool) -> None:
+        if self.fileno() == -1:
+            # Closed already: gunicorn's worker closes a connection whose TLS ends early (a
+            # handshake or request that never completes, a probe), then closes it gracefully
+            # again, which starts with this call. Raising here made it count the connection
+            # closed twice: each such connection raised the worker's connection limit by one.
+            return
         if flag:
             self._start_budget()
         else:
