@@ -170,6 +170,23 @@ def test_the_flusher_outlives_a_write_error(pipe: tuple[int, int]) -> None:
         os.close(target)
 
 
+def test_a_writer_past_the_high_water_mark_outlives_a_write_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The request thread that flushes past HIGH_WATER meets stderr's EPIPE: the admission it
+    is logging must still be answered (it raised, an HTTP 500), and the queue stays bounded."""
+    monkeypatch.setattr("webhook.logs.HIGH_WATER", 10)
+    broken_read, broken_write = os.pipe()
+    os.close(broken_read)
+    buffer = LineBuffer(broken_write)
+    try:
+        for n in range(25):
+            buffer.write(line(0, n))
+        assert len(buffer._queue) < 10
+    finally:
+        os.close(broken_write)
+
+
 def test_admission_lines_follow_the_log_level(
     pipe: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -73,7 +73,9 @@ class LineBuffer:
     def write(self, line: bytes) -> None:
         self._queue.append(line)
         if len(self._queue) >= HIGH_WATER:  # the flusher is behind (a slow reader): help it
-            self.flush()
+            # From a request thread: stderr gone (EPIPE) must not fail the admission.
+            with contextlib.suppress(OSError):
+                self.flush()
 
     def flush(self) -> None:
         with self._write_lock:
