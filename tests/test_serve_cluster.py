@@ -290,6 +290,23 @@ def test_sigterm_stops_the_watcher_and_leaves_nothing_in_tmpdir(
     assert list(tmpdir.iterdir()) == []
 
 
+def test_a_restarted_watcher_leaves_no_credentials_of_the_one_before(
+    api: FakeKubeAPI, tmp_path: Path
+) -> None:
+    """Each watcher process writes the kubeconfig's CA to a temporary file it never deletes:
+    a restart removes the files of the process before, so that restarts do not pile them up."""
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    env = {**cluster_env(api, tmp_path), "TMPDIR": str(tmpdir)}
+    with serve(tmp_path, "--workers", "1", env=env) as server:
+        for started in range(1, 4):
+            os.kill(server.watcher(), signal.SIGKILL)
+            wait_until(lambda n=started + 1: server.log().count("at the cluster scope") == n)
+        written = [path for path in tmpdir.rglob("*") if path.is_file()]
+        credentials = [path for path in written if b"BEGIN CERTIFICATE" in path.read_bytes()]
+        assert len(credentials) == 1, credentials  # the running watcher's
+
+
 def test_namespaces_are_listed_and_watched_alone(api: FakeKubeAPI, tmp_path: Path) -> None:
     """`--namespaces` goes with a namespace-scoped service account: the API is asked about
     those namespaces only (cluster-wide it would answer 403), and a LocustTest elsewhere is

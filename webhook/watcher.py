@@ -71,14 +71,18 @@ class Watcher:
         with self._lock:
             if self._stopping.is_set():
                 raise SourceUnavailable("serve is stopping")
-            # Its TMPDIR is the private directory stop() removes: the Kubernetes client writes
-            # a kubeconfig's embedded certificates and key to temporary files, and deletes them
-            # only at an exit this process never makes (SIGTERM, os._exit).
+            # Its TMPDIR is in the private directory stop() removes, emptied for each process:
+            # the Kubernetes client writes a kubeconfig's embedded certificates and key to
+            # temporary files, and deletes them only at an exit this process never makes
+            # (SIGTERM, os._exit). No earlier watcher process runs any more.
+            scratch = os.path.join(self._directory, "tmp")
+            shutil.rmtree(scratch, ignore_errors=True)
+            os.mkdir(scratch, 0o700)
             process = self._process = subprocess.Popen(
                 self._command,
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
-                env={**os.environ, "TMPDIR": self._directory},
+                env={**os.environ, "TMPDIR": scratch},
             )
         assert process.stdout is not None
         report = process.stdout.readline().decode().strip()
