@@ -486,6 +486,31 @@ def test_a_slow_direct_get_does_not_undo_a_newer_watch_event(
     assert endpoint(source.cached(("default", "load-a"))) == "http://new:4317"
 
 
+def test_a_direct_get_answered_after_the_watch_deleted_its_object_does_not_bring_it_back(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    """A GET reads a LocustTest, the LocustTest is deleted, the watch delivers the deletion,
+    then the GET's answer arrives: kept, it would stay in the cache (and every worker's copy)
+    until the next re-list, and its pods be mutated for a LocustTest that is gone."""
+    source = make_source(lookup_timeout=5.0)
+    wait_until(source.ready)
+    api.lag = 30.0
+    api.create(locusttest("load-a"))
+    api.hold_gets()
+    with ThreadPoolExecutor(1) as pool:
+        lookup = pool.submit(source.get, "default", "load-a")
+        wait_until(lambda: api.held_gets() == 1)  # the GET has read load-a
+        api.delete("default", "load-a")
+        api.create(locusttest("marker"))  # delivered after the deletion
+        api.lag = 0.0
+        wait_until(lambda: source.cached(("default", "marker")) is not None)
+        api.release_gets()
+        assert lookup.result(timeout=5) is None
+    assert source.cached(("default", "load-a")) is None
+    assert source.size() == 1
+    assert source.get("default", "load-a") is None  # and a GET now finds nothing either
+
+
 def test_direct_get_answered_with_garbage_is_unavailable_after_retrying(
     api: FakeKubeAPI, make_source: MakeSource
 ) -> None:

@@ -43,6 +43,8 @@ WATCH_TIMEOUT = 90.0
 # backoff, not at once: an API that closes every watch at once would be asked in a loop.
 SHORT_WATCH = 1.0
 LIST_TIMEOUT = 60.0
+# Deletions remembered for the direct GETs under way (each lasts at most --lookup-timeout).
+DELETIONS_KEPT = 1024
 LOOKUP_DELAYS = (0.05, 0.1, 0.2, 0.4)
 STOP_TIMEOUT = 2.0
 
@@ -115,6 +117,10 @@ class ClusterSource:
         self._synced: set[str] = set()
         self._version: str | None = None
         self._stopping = threading.Event()
+        # A direct GET's answer against the watch's events: the newer of the two is kept.
+        self._lock = threading.Lock()
+        self._deletions = 0  # DELETED events applied so far
+        self._deleted: dict[Key, int] = {}  # a recently deleted key: _deletions before it
 
     @classmethod
     def from_environment(
@@ -185,6 +191,7 @@ class ClusterSource:
 
     def _get_direct(self, namespace: str, name: str, view: View) -> LocustTestInfo | None:
         deadline = time.monotonic() + self._lookup_timeout
+        deletions = self._deletions
         answered = False  # the API said 404 at least once: the LocustTest does not exist
         failure: Exception | None = None
         attempt = 0
@@ -199,7 +206,7 @@ class ClusterSource:
                 failure = exc
             else:
                 if obj is not None:
-                    return self._found(obj, view)
+                    return self._found(obj, view, deletions)
                 answered = True
             delay = LOOKUP_DELAYS[min(attempt, len(LOOKUP_DELAYS) - 1)]
             attempt += 1
@@ -235,16 +242,26 @@ class ClusterSource:
                 resp.release_conn()
         return None
 
-    def _found(self, obj: Any, view: View) -> LocustTestInfo | None:
+    def _found(self, obj: Any, view: View, deletions: int) -> LocustTestInfo | None:
+        """What a direct GET begun after `deletions` DELETED events read, unless the watch has
+        delivered something newer meanwhile: another version (kept), or its deletion (then
+        it is not found: kept, the GET's copy would stay until the next re-list)."""
         info = _parse(obj)
         if info is None:
             metrics.LOOKUPS.labels(result="not_found").inc()
             return None
-        # The watch may already have delivered a newer version: keep it.
         key = (info.namespace, info.name)
-        view.setdefault(key, info)
-        metrics.CACHE_SIZE.set(self.size())
+        with self._lock:
+            newer = view.get(key)
+            if newer is None and self._deleted.get(key, -1) >= deletions:
+                metrics.LOOKUPS.labels(result="not_found").inc()
+                return None
+            if newer is None:
+                view[key] = info
         metrics.LOOKUPS.labels(result="direct_get").inc()
+        if newer is not None:
+            return newer
+        metrics.CACHE_SIZE.set(self.size())
         if self._listener is not None:
             self._listener.changed(key)
         return info
@@ -406,11 +423,18 @@ class ClusterSource:
         info = _parse(obj) if kind in ("ADDED", "MODIFIED") else None
         if info is not None:
             key = (info.namespace, info.name)
-            self._views[scope.namespace][key] = info
+            with self._lock:
+                self._views[scope.namespace][key] = info
         elif kind == "DELETED":  # (an ADDED or MODIFIED object without a name is skipped)
             metadata = obj.get("metadata") or {}
             key = (metadata.get("namespace") or "", metadata.get("name") or "")
-            self._views[scope.namespace].pop(key, None)
+            with self._lock:
+                self._views[scope.namespace].pop(key, None)
+                self._deleted[key] = self._deletions
+                self._deletions += 1
+                if len(self._deleted) > DELETIONS_KEPT:
+                    recent = self._deletions - DELETIONS_KEPT // 2
+                    self._deleted = {k: n for k, n in self._deleted.items() if n >= recent}
         scope.resource_version = str(obj["metadata"]["resourceVersion"])
         if key is not None:
             metrics.CACHE_SIZE.set(self.size())
