@@ -511,6 +511,42 @@ def test_a_direct_get_answered_after_the_watch_deleted_its_object_does_not_bring
     assert source.get("default", "load-a") is None  # and a GET now finds nothing either
 
 
+def test_a_direct_get_of_a_locusttest_created_again_survives_the_old_ones_deletion(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    """A test run again: its LocustTest deleted and created anew. The GET reads the new one
+    while the lagging watch delivers the old one's deletion: that deletion is not the new
+    one's, which is found (not failed open as not found)."""
+    source = make_source(lookup_timeout=5.0)
+    wait_until(source.ready)
+    api.lag = 30.0
+    api.create(locusttest("load-a", endpoint="http://old:4317"))
+    api.delete("default", "load-a")
+    api.create(locusttest("marker"))  # delivered after the deletion
+    time.sleep(3.0)
+    api.create(locusttest("load-a", endpoint="http://new:4317"))
+    api.hold_gets()
+    with ThreadPoolExecutor(1) as pool:
+        lookup = pool.submit(source.get, "default", "load-a")
+        wait_until(lambda: api.held_gets() == 1)  # the GET has read the new load-a
+        api.lag = 1.5  # the old events are delivered now, the new one later
+        wait_until(lambda: source.cached(("default", "marker")) is not None)
+        api.release_gets()
+        assert endpoint(lookup.result(timeout=5)) == "http://new:4317"
+    wait_until(lambda: endpoint(source.cached(("default", "load-a"))) == "http://new:4317")
+
+
+def test_watches_ask_the_server_to_end_them_before_the_silence_limit(
+    api: FakeKubeAPI, make_source: MakeSource
+) -> None:
+    """The default watch timeout (what `serve` uses) stays under WATCH_SILENCE: see the test of
+    a quiet watch above."""
+    source = make_source()
+    wait_until(source.ready)
+    asked = int(api.watches()[0].query["timeoutSeconds"])
+    assert cache.WATCH_TIMEOUT <= asked <= 1.5 * cache.WATCH_TIMEOUT < cache.WATCH_SILENCE
+
+
 def test_direct_get_answered_with_garbage_is_unavailable_after_retrying(
     api: FakeKubeAPI, make_source: MakeSource
 ) -> None:

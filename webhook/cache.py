@@ -28,22 +28,20 @@ VERSIONS = ("v2", "v1")
 CLUSTER = ""  # the scope of a cluster-wide list/watch
 PAGE_SIZE = 500
 CONNECT_TIMEOUT = 5.0
-# A watch asks for bookmarks, which the API server sends about once a minute: this long
-# without a byte and the connection is taken for dead (a peer gone without a FIN, a dropped
-# flow), and the watch resumed. Waiting for timeoutSeconds instead left the cache 4-6 minutes
-# behind.
-WATCH_SILENCE = 150.0
 # A watch asks the server to end it after WATCH_TIMEOUT to 1.5 times that (spread, so that the
-# watches of several replicas do not all end together). Bookmarks are not guaranteed (an API
-# server's watch cache sends none until it has seen a LocustTest change, up to etcd's 10-minute
-# progress notifications): a quiet watch must end by its timeout before WATCH_SILENCE, not be
-# taken for dead and backed off as a failure.
+# watches of several replicas do not all end together), and for bookmarks, which an API server
+# sends about once a minute once its watch cache has seen a LocustTest change (none before, up
+# to etcd's 10-minute progress notifications). WATCH_SILENCE without a byte, and the connection
+# is taken for dead (a peer gone without a FIN, a dropped flow) and the watch resumed. A quiet
+# watch ends by its timeout first, rather than being taken for dead and backed off as a failure.
+WATCH_SILENCE = 150.0
 WATCH_TIMEOUT = 90.0
 # A watch the server ends sooner than this (a draining server, a proxy) is resumed after a
 # backoff, not at once: an API that closes every watch at once would be asked in a loop.
 SHORT_WATCH = 1.0
 LIST_TIMEOUT = 60.0
-# Deletions remembered for the direct GETs under way (each lasts at most --lookup-timeout).
+# Deleted LocustTests remembered for the direct GETs under way (each lasts at most
+# --lookup-timeout).
 DELETIONS_KEPT = 1024
 LOOKUP_DELAYS = (0.05, 0.1, 0.2, 0.4)
 STOP_TIMEOUT = 2.0
@@ -117,10 +115,9 @@ class ClusterSource:
         self._synced: set[str] = set()
         self._version: str | None = None
         self._stopping = threading.Event()
-        # A direct GET's answer against the watch's events: the newer of the two is kept.
+        # A direct GET's answer against the watch's events (see _found).
         self._lock = threading.Lock()
-        self._deletions = 0  # DELETED events applied so far
-        self._deleted: dict[Key, int] = {}  # a recently deleted key: _deletions before it
+        self._deleted: dict[str, None] = {}  # uids of recently deleted LocustTests, in order
 
     @classmethod
     def from_environment(
@@ -191,7 +188,6 @@ class ClusterSource:
 
     def _get_direct(self, namespace: str, name: str, view: View) -> LocustTestInfo | None:
         deadline = time.monotonic() + self._lookup_timeout
-        deletions = self._deletions
         answered = False  # the API said 404 at least once: the LocustTest does not exist
         failure: Exception | None = None
         attempt = 0
@@ -206,7 +202,7 @@ class ClusterSource:
                 failure = exc
             else:
                 if obj is not None:
-                    return self._found(obj, view, deletions)
+                    return self._found(obj, view)
                 answered = True
             delay = LOOKUP_DELAYS[min(attempt, len(LOOKUP_DELAYS) - 1)]
             attempt += 1
@@ -242,25 +238,25 @@ class ClusterSource:
                 resp.release_conn()
         return None
 
-    def _found(self, obj: Any, view: View, deletions: int) -> LocustTestInfo | None:
-        """What a direct GET begun after `deletions` DELETED events read, unless the watch has
-        delivered something newer meanwhile: another version (kept), or its deletion (then
-        it is not found: kept, the GET's copy would stay until the next re-list)."""
+    def _found(self, obj: Any, view: View) -> LocustTestInfo | None:
+        """What a direct GET read, unless the watch delivered the LocustTest meanwhile (its
+        copy is kept) or the deletion of the very object read (not found: kept, the GET's copy
+        would stay until the next re-list; a LocustTest created again has another uid)."""
         info = _parse(obj)
         if info is None:
             metrics.LOOKUPS.labels(result="not_found").inc()
             return None
         key = (info.namespace, info.name)
         with self._lock:
-            newer = view.get(key)
-            if newer is None and self._deleted.get(key, -1) >= deletions:
+            watched = view.get(key)
+            if watched is None and _uid(obj) in self._deleted:
                 metrics.LOOKUPS.labels(result="not_found").inc()
                 return None
-            if newer is None:
+            if watched is None:
                 view[key] = info
         metrics.LOOKUPS.labels(result="direct_get").inc()
-        if newer is not None:
-            return newer
+        if watched is not None:
+            return watched
         metrics.CACHE_SIZE.set(self.size())
         if self._listener is not None:
             self._listener.changed(key)
@@ -430,16 +426,22 @@ class ClusterSource:
             key = (metadata.get("namespace") or "", metadata.get("name") or "")
             with self._lock:
                 self._views[scope.namespace].pop(key, None)
-                self._deleted[key] = self._deletions
-                self._deletions += 1
-                if len(self._deleted) > DELETIONS_KEPT:
-                    recent = self._deletions - DELETIONS_KEPT // 2
-                    self._deleted = {k: n for k, n in self._deleted.items() if n >= recent}
+                if len(self._deleted) >= DELETIONS_KEPT:
+                    self._deleted = dict.fromkeys(list(self._deleted)[DELETIONS_KEPT // 2 :])
+                if uid := _uid(obj):
+                    self._deleted[uid] = None
         scope.resource_version = str(obj["metadata"]["resourceVersion"])
         if key is not None:
             metrics.CACHE_SIZE.set(self.size())
             if self._listener is not None:
                 self._listener.changed(key)
+
+
+def _uid(obj: Any) -> str:
+    """The object's metadata.uid ('' when it has none)."""
+    metadata = obj.get("metadata") if isinstance(obj, dict) else None
+    uid = metadata.get("uid") if isinstance(metadata, dict) else None
+    return uid if isinstance(uid, str) else ""
 
 
 def _parse(obj: Any) -> LocustTestInfo | None:
