@@ -154,6 +154,22 @@ def test_names_longer_than_kubernetes_allows_are_cut_or_refused(
     assert (line["locusttest"], line["reason"]) == ("t" * 253, "locusttest-not-found")
 
 
+def test_a_namespace_only_the_pod_gives_is_refused_when_longer_than_any_namespace(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A review without request.namespace (no API server sends one) falls back to the pod's
+    metadata.namespace, which parse_review did not check: not looked up, nor echoed."""
+    caplog.set_level(logging.INFO, logger="webhook.admission")
+    pod = operator_pod("demo", "master")
+    pod["metadata"]["namespace"] = "n" * 100_000
+    handler = Handler(BrokenSource(), MutationSettings())
+    response, line = admission_line(monkeypatch, handler, pod, namespace="")
+    assert response["warnings"] == [
+        "pod not mutated: metadata.namespace is longer than a namespace name"
+    ]
+    assert line["reason"] == "malformed-pod"
+
+
 def test_a_patch_the_answer_cannot_encode_follows_the_failure_policy(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

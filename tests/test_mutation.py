@@ -1062,7 +1062,7 @@ def test_a_locust_image_that_cannot_export_is_warned_about(image: str, warned: s
         assert "locustio/locust-otel" in about_image[0]
 
 
-@pytest.mark.parametrize("endpoint", ["http://[collector:4317", "http://a\uff03b@collector:4317"])
+@pytest.mark.parametrize("endpoint", ["http://[collector:4317", "http://coll\uff03ector:4317"])
 def test_an_endpoint_that_is_not_a_url_is_warned_about_not_an_internal_error(
     endpoint: str,
 ) -> None:
@@ -1157,3 +1157,32 @@ def test_env_from_is_not_warned_about_when_nothing_is_added_to_env() -> None:
     assert again.patch == [] and again.result.warnings == []
     sidecar = run_mutation(pod, locusttest("demo"))  # exporter mode: env is not touched
     assert sidecar.result.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "shown"),
+    [
+        ("alice:s3cret@collector.example:4318", "'***@collector.example:4318' has no scheme"),
+        ("http://alice:s3cret@coll\uff03ector:4317", "'http://***@coll\uff03ector:4317' is not"),
+    ],
+)
+def test_credentials_in_an_endpoint_are_masked_in_warnings(endpoint: str, shown: str) -> None:
+    """Warnings reach the log and whoever created the pod: a collector's user:password@ is
+    not quoted, in the endpoint nor in the URL parser's message."""
+    test = locusttest("demo", otel=otel(endpoint=endpoint, protocol="http/protobuf"))
+    m = run_mutation(operator_pod("demo", "worker"), test)
+    [warning] = m.result.warnings
+    assert shown in warning
+    assert "s3cret" not in warning
+
+
+def test_values_from_the_pod_are_cut_in_warnings() -> None:
+    """A pod may carry megabytes in an annotation or an image tag: a warning quoting it is cut
+    (the log line stays one pipe write)."""
+    pod = operator_pod("demo", "master", annotations={"prometheus.io/port": "9" * 1_000_000})
+    [port_warning] = run_mutation(pod, locusttest("demo")).result.warnings
+    image = "locustio/locust:2.0.0" + "1" * 1_000_000
+    otel_pod = operator_pod("demo", "worker", image=image)
+    [image_warning] = run_mutation(otel_pod, locusttest("demo", otel=otel())).result.warnings
+    assert "Locust 2.0.0" in image_warning
+    assert len(port_warning) < 400 and len(image_warning) < 600

@@ -15,6 +15,7 @@ from .mutation import MalformedPod, NoTarget, fingerprint, mutate, opted_out
 from .mutation.pod import TEST_NAME_LABEL
 from .patch import diff
 from .review import (
+    MAX_NAMESPACE,
     BadReview,
     ResponseDict,
     Review,
@@ -141,6 +142,8 @@ class Handler:
                 return Outcome(allowed(review.uid), "skipped", "opted-out", test_name)
             if not namespace:
                 raise MalformedPod("the request has no namespace")
+            if len(namespace) > MAX_NAMESPACE:  # only metadata's: parse_review checked the rest
+                raise MalformedPod("metadata.namespace is longer than a namespace name")
             if self.namespaces and namespace not in self.namespaces:
                 return self._refuse_or_allow(
                     review,

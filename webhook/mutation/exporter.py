@@ -12,6 +12,7 @@ from .pod import (
     ContainerField,
     Pod,
     pod_annotations,
+    shown,
     with_annotations,
     with_spec_field,
 )
@@ -89,7 +90,7 @@ def scrape_annotation_warning(pod: Pod, settings: MutationSettings) -> str | Non
     port = pod_annotations(pod).get(PORT)
     if port is not None and port != str(settings.exporter_port):
         return (
-            f"the pod sets {PORT}={port} itself: annotation-based scraping will not reach "
+            f"the pod sets {PORT}={shown(port)} itself: annotation-based scraping will not reach "
             f"the metrics exporter on port {settings.exporter_port}"
         )
     return None

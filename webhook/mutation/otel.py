@@ -236,6 +236,15 @@ def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
     return list(judge(*settings))
 
 
+USERINFO = re.compile(r"[^\s/'\"@]+@")
+
+
+def without_credentials(text: str) -> str:
+    """An endpoint (or a message quoting one) with any `user:password@` masked: warnings reach
+    the log and whoever created the pod."""
+    return USERINFO.sub("***@", text) if "@" in text else text
+
+
 def _image_warning(where: str, image: str) -> str | None:
     """The Locust image cannot export: Locust before OTEL_SINCE, or the plain locustio/locust
     image (any tag, any registry), which lacks the SDK."""
@@ -243,10 +252,10 @@ def _image_warning(where: str, image: str) -> str | None:
     if repository != PLAIN_IMAGE and not repository.endswith(f"/{PLAIN_IMAGE}"):
         return None
     tag = image.split("@", 1)[0][len(repository) + 1 :]
-    version = re.match(r"(\d+)\.(\d+)\.(\d+)", tag)
+    version = re.match(r"(\d{1,9})\.(\d{1,9})\.(\d{1,9})", tag)
     if version and tuple(int(part) for part in version.groups()) < OTEL_SINCE:
         return (
-            f"{where}: image {shown(image)}: Locust {tag} has no OpenTelemetry support (it "
+            f"{where}: image {shown(image)}: Locust {version[0]} has no OpenTelemetry support (it "
             f"came in {'.'.join(map(str, OTEL_SINCE))}): it stops at --otel (unrecognized "
             "arguments) and ignores "
             f"{ENABLE_VAR}; use locustio/locust-otel (2.43.4 or later) as the LocustTest's image"
@@ -321,12 +330,13 @@ def _warnings(
         return tuple(warnings)
     protocol = chosen
     has_scheme = "://" in endpoint
-    quoted = shown(endpoint)
+    quoted = shown(without_credentials(endpoint))
     try:
         parts = urlsplit(endpoint if has_scheme else f"//{endpoint}")
     except ValueError as exc:  # an unclosed [ (IPv6), a host NFKC alters: the exporters fail too
+        reason = shown(without_credentials(str(exc)))
         warnings.append(
-            f"{where}: endpoint {quoted} is not a URL ({exc}): nothing will be exported"
+            f"{where}: endpoint {quoted} is not a URL ({reason}): nothing will be exported"
         )
         return tuple(warnings)
     scheme = parts.scheme.lower()
