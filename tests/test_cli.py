@@ -167,6 +167,15 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
             {"KUBERNETES_SERVICE_HOST": "10.0.0.1"},
             ["in-cluster configuration", "host/port is not set"],
         ),
+        # A kubeconfig the client cannot read: why, without a traceback or the file's secrets.
+        (
+            {"KUBECONFIG": "{tmp_path}/not-yaml", "KUBERNETES_SERVICE_HOST": ""},
+            ["cannot use kubeconfig", "not-yaml: yaml.parser.ParserError: while parsing"],
+        ),
+        (
+            {"KUBECONFIG": "{tmp_path}/bad-ca", "KUBERNETES_SERVICE_HOST": ""},
+            ["cannot use kubeconfig", "bad-ca: binascii.Error: Incorrect padding"],
+        ),
         # The watcher's socket path is longer than a Unix socket's: blame the socket.
         (
             {"TMPDIR": "{tmp_path}/" + "t" * 120},
@@ -177,7 +186,13 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
             ],
         ),
     ],
-    ids=["no cluster, no directory", "broken in-cluster configuration", "socket path too long"],
+    ids=[
+        "no cluster, no directory",
+        "broken in-cluster configuration",
+        "kubeconfig not YAML",
+        "kubeconfig CA not base64",
+        "socket path too long",
+    ],
 )
 def test_serve_without_a_usable_cluster_says_why(
     tmp_path: Path, env: dict[str, str], said: list[str]
@@ -186,6 +201,8 @@ def test_serve_without_a_usable_cluster_says_why(
     env = {name: value.format(tmp_path=tmp_path) for name, value in env.items()}
     if "TMPDIR" in env:
         Path(env["TMPDIR"]).mkdir()
+    (tmp_path / "not-yaml").write_text("clusters: [\n  - {name: x, token: SECRET-TOKEN\n")
+    (tmp_path / "bad-ca").write_text(BAD_CA_KUBECONFIG)
     done = cli(
         "serve",
         "--cert-file",
@@ -197,6 +214,23 @@ def test_serve_without_a_usable_cluster_says_why(
     assert done.returncode == 2
     for words in said:
         assert words in done.stderr
+    assert "Traceback" not in done.stderr and "SECRET-TOKEN" not in done.stderr
+
+
+BAD_CA_KUBECONFIG = """
+apiVersion: v1
+kind: Config
+current-context: c
+clusters:
+- name: x
+  cluster: {server: "https://127.0.0.1:1", certificate-authority-data: "abc"}
+contexts:
+- name: c
+  context: {cluster: x, user: u}
+users:
+- name: u
+  user: {token: SECRET-TOKEN}
+"""
 
 
 def test_help_shows_every_setting_with_env_and_default() -> None:

@@ -18,9 +18,10 @@ def api_client(kubeconfig: str = "") -> client.ApiClient:
         configuration = client.Configuration()
         try:
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except config.ConfigException as exc:
+        except Exception as exc:
             raise NoClusterConfig(
-                f"cannot use the in-cluster configuration (KUBERNETES_SERVICE_HOST is set): {exc}"
+                "cannot use the in-cluster configuration (KUBERNETES_SERVICE_HOST is set): "
+                + _reason(exc)
             ) from exc
         return client.ApiClient(configuration)
     path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
@@ -33,5 +34,21 @@ def api_client(kubeconfig: str = "") -> client.ApiClient:
         )
     try:
         return config.new_client_from_config(config_file=path)  # type: ignore[no-untyped-call,no-any-return]
-    except config.ConfigException as exc:
-        raise NoClusterConfig(f"cannot use kubeconfig {path}: {exc}") from exc
+    except Exception as exc:
+        raise NoClusterConfig(f"cannot use kubeconfig {path}: {_reason(exc)}") from exc
+
+
+def _reason(exc: Exception) -> str:
+    """Why the client refused a configuration: its own message, or for anything else (YAML the
+    parser refuses, base64 that does not decode) the error's kind and first line, which quote no
+    part of the file (a token, a key)."""
+    if isinstance(exc, config.ConfigException):
+        return str(exc)
+    first = str(exc).strip().splitlines()[:1]
+    kind = type(exc)
+    name = (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else f"{kind.__module__}.{kind.__qualname__}"
+    )
+    return name + (f": {first[0][:200]}" if first else "")
