@@ -357,6 +357,25 @@ def test_watches_that_end_at_once_are_resumed_with_backoff(
     wait_until(lambda: source.size() == 1, timeout=15)
 
 
+def test_watches_that_end_at_once_and_empty_are_errors(
+    api: FakeKubeAPI, make_source: MakeSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A watch that ends at once without even a bookmark (what the client makes of a chunked
+    page that is not JSON, or a server that ends every watch) follows nothing: counted and
+    logged as an error (it was a quiet `closed`: the cache fell behind and an alert on errors
+    never fired)."""
+    source = make_source()
+    wait_until(source.ready)
+    errors = metric("locust_webhook_watch_restarts_total", reason="error")
+    api.end_watches = True
+    api.cut_watches()  # itself an error: the stream is cut short
+    wait_until(lambda: caplog.text.count("ended at once, empty") >= 2)
+    assert metric("locust_webhook_watch_restarts_total", reason="error") >= errors + 3
+    api.end_watches = False
+    api.create(locusttest("load-a"))
+    wait_until(lambda: source.size() == 1, timeout=15)
+
+
 def test_server_error_burst_at_start_and_mid_watch_recovers(
     api: FakeKubeAPI, make_source: MakeSource
 ) -> None:

@@ -272,13 +272,18 @@ class ClusterSource:
                     self._list(scope)
                     backoff.reset()
                 started = time.monotonic()
-                self._watch(scope, backoff)
+                delivered = self._watch(scope, backoff)
                 if self._stopping.is_set():
                     return
                 # The server ended the watch (timeoutSeconds): resume where it stopped, unless
                 # a newer version is served now (the operator was upgraded): then re-list.
-                metrics.WATCH_RESTARTS.labels(reason="closed").inc()
-                if time.monotonic() - started < SHORT_WATCH:
+                short = time.monotonic() - started < SHORT_WATCH
+                if short and not delivered:  # not even a bookmark: a proxy's page, a draining
+                    log.warning("LocustTest watch %s ended at once, empty", scope.where)
+                    metrics.WATCH_RESTARTS.labels(reason="error").inc()
+                else:
+                    metrics.WATCH_RESTARTS.labels(reason="closed").inc()
+                if short:
                     self._stopping.wait(backoff.next())
                 if scope.version != VERSIONS[0] and self._served(VERSIONS[0], scope):
                     log.info("%s/%s is served now: re-listing %s", GROUP, VERSIONS[0], scope.where)
@@ -392,12 +397,14 @@ class ClusterSource:
         if self._listener is not None:
             self._listener.listed()
 
-    def _watch(self, scope: _Scope, backoff: Backoff) -> None:
+    def _watch(self, scope: _Scope, backoff: Backoff) -> int:
+        """Watch from scope.resource_version until the server ends it; the events delivered."""
+        delivered = 0
         timeout = max(1, round(self._watch_timeout * random.uniform(1.0, 1.5)))
         scope.watch = watch.Watch()  # type: ignore[no-untyped-call]
         try:
             if self._stopping.is_set():
-                return
+                return delivered
             stream = scope.watch.stream(  # type: ignore[no-untyped-call]
                 self._list_call, scope.version, scope,
                 resource_version=scope.resource_version,
@@ -407,12 +414,14 @@ class ClusterSource:
             )  # fmt: skip
             for event in stream:
                 if self._stopping.is_set():
-                    return
+                    return delivered
                 if isinstance(event, dict):
                     self._apply(scope, event["type"], event["raw_object"])
                     backoff.reset()
+                    delivered += 1
         finally:
             scope.watch = None
+        return delivered
 
     def _apply(self, scope: _Scope, kind: str, obj: Any) -> None:
         key: Key | None = None
