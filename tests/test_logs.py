@@ -6,6 +6,7 @@ import logging
 import os
 import select
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -235,3 +236,21 @@ def test_json_lines_carry_the_traceback() -> None:
         item = record(1_700_000_000.0, exc_info=sys.exc_info())
     text = orjson.loads(JsonFormatter().format(item))["exception"]
     assert text.startswith("Traceback") and "RuntimeError: boom" in text
+
+
+def test_python_warnings_in_the_watcher_process_are_json_lines_and_said_once() -> None:
+    """The watcher's Kubernetes client warns through Python's warnings (urllib3: a kubeconfig
+    that skips certificate checks, once per request): JSON like every other line, and once."""
+    script = (
+        "import warnings\n"
+        "from webhook import logs\n"
+        "logs.configure('info')\n"
+        "for _ in range(3):\n"
+        "    warnings.warn('Unverified HTTPS request is being made to host', UserWarning)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    lines = [orjson.loads(line) for line in done.stderr.splitlines()]
+    assert [(line["logger"], line["level"]) for line in lines] == [("py.warnings", "warning")]
+    assert "Unverified HTTPS request" in lines[0]["message"]

@@ -11,6 +11,7 @@ import os
 import select
 import threading
 import time
+import warnings
 from typing import Any
 
 import orjson
@@ -154,8 +155,12 @@ def dict_config(level: str) -> dict[str, Any]:
 
 
 def configure(level: str) -> None:
-    """Apply `dict_config` (for processes that are not gunicorn's)."""
+    """Apply `dict_config` (for processes that are not gunicorn's: the watcher's), with Python's
+    warnings as JSON lines too; urllib3's warning about a kubeconfig that skips certificate
+    checks (one per request to the API) once."""
     logging.config.dictConfig(dict_config(level))
+    logging.captureWarnings(True)
+    warnings.filterwarnings("once", message="Unverified HTTPS request")
 
 
 class GunicornLogger(Logger):  # type: ignore[misc]

@@ -100,7 +100,9 @@ class Watcher:
         while True:
             assert self._process is not None
             started = time.monotonic()
-            code = self._process.wait()  # 0 as well when gunicorn's master reaped it first
+            # 0 when gunicorn's master collected its status first (it waits for any child); the
+            # watcher never exits 0 by itself while `serve` runs.
+            code = self._process.wait() or "unknown"
             if self._stopping.is_set():
                 return
             forget_process(self._process.pid)
