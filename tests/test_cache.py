@@ -916,3 +916,17 @@ def test_fake_api_watch_streams_events_after_the_resource_version(api: FakeKubeA
     events = [json.loads(line) for line in body.splitlines()]
     assert code == 200
     assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [("DELETED", "load-a")]
+
+
+def test_a_crd_not_installed_is_said_once_until_it_is(
+    make_source: MakeSource, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No LocustTest CRD: every retry gets 404. The error says what to do once, not at every
+    retry (an error line every 30 s, forever); it is said again after the next good list."""
+    with FakeKubeAPI(versions=()) as bare:
+        source = make_source(server=bare)
+        wait_until(lambda: len(bare.lists()) >= 8, timeout=15)
+        assert caplog.text.count("is not served (is the LocustTest CRD installed?)") == 1
+        assert not source.ready()
+        bare.versions = ("v2",)
+        wait_until(source.ready, timeout=15)

@@ -70,7 +70,7 @@ class _Scope:
     namespace: str
     version: str = VERSIONS[0]
     resource_version: str | None = None
-    forbidden_logged: bool = False
+    refused_logged: int = 0  # the HTTP status (403, 404) logged since the last good list
     watch: watch.Watch | None = None
     thread: threading.Thread | None = field(default=None, repr=False)
 
@@ -310,15 +310,20 @@ class ClusterSource:
             self._stopping.wait(backoff.next())
 
     def _log_failure(self, scope: _Scope, exc: Exception) -> None:
-        if isinstance(exc, client.ApiException) and exc.status == 403:
-            if not scope.forbidden_logged:
-                scope.forbidden_logged = True
-                log.error(
-                    "RBAC: the service account cannot list %s %s (needs get, list, watch)",
-                    RESOURCE,
-                    scope.where,
-                )
-        elif isinstance(exc, client.ApiException) and exc.status == 404:
+        # RBAC and a missing CRD do not fix themselves within seconds: said once, not at
+        # every retry, until a list succeeds.
+        status = exc.status if isinstance(exc, client.ApiException) else 0
+        if status in (403, 404):
+            if scope.refused_logged == status:
+                return
+            scope.refused_logged = status
+        if status == 403:
+            log.error(
+                "RBAC: the service account cannot list %s %s (needs get, list, watch)",
+                RESOURCE,
+                scope.where,
+            )
+        elif status == 404:
             log.error("%s is not served (is the LocustTest CRD installed?)", RESOURCE)
         elif isinstance(exc, (client.ApiException, *_TRANSIENT)):
             log.warning("LocustTest list/watch %s failed: %s", scope.where, _describe(exc))
@@ -388,7 +393,7 @@ class ClusterSource:
         # One assignment: readers see the old view or the new one, never a mix.
         self._views[scope.namespace] = view
         scope.resource_version = resource_version
-        scope.forbidden_logged = False
+        scope.refused_logged = 0
         self._synced.add(scope.namespace)
         metrics.CACHE_SIZE.set(self.size())
         if self.ready():
@@ -470,5 +475,7 @@ def _describe(exc: Exception | None) -> str:
     if isinstance(exc, client.ApiException):
         if exc.status == 403:
             return f"RBAC: the service account cannot get {RESOURCE} (needs get, list, watch)"
+        if exc.status == 401:
+            return "HTTP 401 Unauthorized: the API server refused the credentials (expired?)"
         return f"HTTP {exc.status} {exc.reason}"
     return f"{type(exc).__name__}: {exc}"
