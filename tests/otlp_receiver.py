@@ -60,6 +60,7 @@ class Span:
     scope: str
     attributes: Attributes
     status: int = 0  # OTLP Status.code: 0 unset, 1 ok, 2 error
+    span_id: str = ""  # hex
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,15 @@ def decode_traces(
         for ss in rs.scope_spans:
             scope = ss.scope.name
             spans += [
-                Span(s.name, s.kind, resource, scope, attributes(s.attributes), s.status.code)
+                Span(
+                    s.name,
+                    s.kind,
+                    resource,
+                    scope,
+                    attributes(s.attributes),
+                    s.status.code,
+                    s.span_id.hex(),
+                )
                 for s in ss.spans
             ]
     return Export(transport, "traces", tuple(resources), spans=tuple(spans))

@@ -139,7 +139,7 @@ def test_not_ready_while_the_api_is_down_then_ready(
     api.create(locusttest("load-a"))
     api.stop()
     source = make_source(lookup_timeout=0.3)
-    with pytest.raises(SourceUnavailable, match="default/load-a"):
+    with pytest.raises(SourceUnavailable, match=r"^(NewConnectionError|JSONDecodeError): "):
         source.get("default", "load-a")
     assert not source.ready()
     api.start()
@@ -420,7 +420,7 @@ def test_lookup_on_a_slow_api_returns_within_its_budget(
     wait_until(source.ready)
     api.latency = 3.0
     started = time.monotonic()
-    with pytest.raises(SourceUnavailable, match="default/missing"):
+    with pytest.raises(SourceUnavailable, match=r"^ReadTimeoutError: "):
         source.get("default", "missing")
     assert time.monotonic() - started < 0.5 + 0.2
 
@@ -573,7 +573,7 @@ def test_direct_get_answered_with_garbage_is_unavailable_after_retrying(
     wait_until(source.ready)
     api.garbage = True
     before = len(api.requests)
-    with pytest.raises(SourceUnavailable, match="default/load-a"):
+    with pytest.raises(SourceUnavailable, match=r"^(NewConnectionError|JSONDecodeError): "):
         source.get("default", "load-a")
     assert len([r for r in api.requests[before:] if r.path.endswith("/load-a")]) >= 2
 

@@ -118,7 +118,7 @@ def test_the_pods_of_an_invalid_locusttest_are_told_why_and_required_still_holds
         Handler(DirectorySource(tmp_path), MutationSettings()), operator_pod("broken", "master")
     )
     message = (
-        "LocustTest default/broken cannot be read (spec.observability.openTelemetry."
+        "LocustTest default/broken: cannot be read (spec.observability.openTelemetry."
         "extraEnvVars is not an object): observability was not injected"
     )
     assert response["allowed"] is allowed and "patch" not in response

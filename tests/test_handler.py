@@ -77,7 +77,10 @@ def test_a_failing_mutation_follows_the_policy_and_the_required_annotation(
     handler = Handler(Source(locusttest("t", annotations=annotations)), MutationSettings())
     response = admit(handler, operator_pod("t", "master"))
     assert response["allowed"] is allowed
-    message = "LocustTest default/t: internal error while injecting observability"
+    message = (
+        "LocustTest default/t: internal error while mutating the pod: "
+        "observability was not injected"
+    )
     if allowed:
         assert response["warnings"] == [message]
         assert "patch" not in response
@@ -188,7 +191,8 @@ def test_a_patch_the_answer_cannot_encode_follows_the_failure_policy(
     response, line = admission_line(monkeypatch, handler, pod)
     assert response["allowed"] is True and "patch" not in response
     assert response["warnings"] == [
-        "LocustTest default/t: internal error while injecting observability"
+        "LocustTest default/t: internal error while mutating the pod: "
+        "observability was not injected"
     ]
     assert (line["outcome"], line["reason"]) == ("failed_open", "internal-error")
 
@@ -227,7 +231,7 @@ def test_an_unreachable_api_fails_open_and_the_lookup_is_counted_once(tmp_path: 
             api_client.close()
     assert response["allowed"] is True and "patch" not in response
     assert response["warnings"] == [
-        "LocustTest default/demo could not be read (cannot look up LocustTest default/demo: "
+        "LocustTest default/demo: could not be read ("
         "RBAC: the service account cannot get locusttests.locust.io (needs get, list, watch)): "
         "observability was not injected"
     ]
@@ -354,7 +358,7 @@ def test_the_admission_line_carries_the_answers_warnings(
     _, quiet = admission_line(monkeypatch, handler, operator_pod("other", "worker"))
     assert quiet["reason"] == "locusttest-not-found"
     assert quiet["warnings"] == [
-        "LocustTest default/other not found: observability was not injected"
+        "LocustTest default/other: not found: observability was not injected"
     ]
     handler = Handler(Source(locusttest("demo")), MutationSettings())
     response, line = admission_line(monkeypatch, handler, operator_pod("demo", "master"))

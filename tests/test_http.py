@@ -152,7 +152,7 @@ def test_missing_locusttest_fails_open_with_a_warning(conn: http.client.HTTPSCon
     response = admit(conn, review(operator_pod("nobody", "master")))
     assert response["allowed"] is True
     assert "patch" not in response
-    assert "LocustTest default/nobody not found" in response["warnings"][0]
+    assert "LocustTest default/nobody: not found" in response["warnings"][0]
 
 
 def test_unworkable_endpoint_is_warned_about(conn: http.client.HTTPSConnection) -> None:
@@ -472,7 +472,7 @@ def test_fail_closed_denies_when_the_locusttest_is_missing(closed_server: Server
     response = admit(conn, review(operator_pod("nobody", "master")))
     conn.close()
     assert response["allowed"] is False
-    assert "LocustTest default/nobody not found" in response["status"]["message"]
+    assert "LocustTest default/nobody: not found" in response["status"]["message"]
 
 
 def test_required_locusttest_is_denied_when_it_cannot_be_injected(

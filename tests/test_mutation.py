@@ -981,6 +981,31 @@ def test_opt_out_annotation(value: str) -> None:
     assert m.result.mode == "opted-out"
 
 
+def test_an_opted_out_pod_is_returned_as_it_is_whatever_its_containers() -> None:
+    """As the server skips it before reading the pod: no container to inject into, or no spec
+    at all, is not an error for a pod that asked not to be touched."""
+    annotations = {"observability.locust.io/inject": "false"}
+    sidecars_only = operator_pod("demo", "master", annotations=annotations)
+    sidecars_only["spec"]["containers"] = [{"name": "istio-proxy", "image": "istio/proxyv2"}]
+    no_spec = operator_pod("demo", "master", annotations=annotations)
+    del no_spec["spec"]
+    test = parse_locusttest(locusttest("demo", otel=otel()))
+    for pod in (sidecars_only, no_spec):
+        result = mutate(pod, test, "default", MutationSettings())
+        assert result.pod is pod and result.mode == "opted-out"
+
+
+def test_owner_references_that_are_not_a_list_are_not_an_internal_error() -> None:
+    """Only a hand-made review sends them (the API server decodes the Pod first); the Job's
+    name is then read from the Job controller's label."""
+    pod = operator_pod("demo", "worker")
+    pod["metadata"]["ownerReferences"] = 5
+    pod["metadata"]["labels"]["batch.kubernetes.io/job-name"] = "other"
+    result = mutate(pod, parse_locusttest(locusttest("demo")), "default", MutationSettings())
+    assert result.mode == "none"
+    assert "owning Job 'other' is not 'demo-worker'" in result.notes[0]
+
+
 def test_job_name_mismatch_is_noted() -> None:
     pod = operator_pod("team.a", "master")
     m = run_mutation(pod, locusttest("team.a"))

@@ -175,12 +175,12 @@ class ClusterSource:
     def get(self, namespace: str, name: str) -> LocustTestInfo | None:
         """The cached LocustTest, else one bounded direct GET (the watch may lag behind)."""
         if self._namespaces and namespace not in self._namespaces:
-            metrics.LOOKUPS.labels(result="not_found").inc()
+            metrics.looked_up("not_found")
             return None
         view = self._views[namespace if self._namespaces else CLUSTER]
         info = view.get((namespace, name))
         if info is not None:
-            metrics.LOOKUPS.labels(result="cache_hit").inc()
+            metrics.looked_up("cache_hit")
             return info
         return self._get_direct(namespace, name, view)
 
@@ -210,12 +210,10 @@ class ClusterSource:
                 break
             time.sleep(delay)
         if answered:
-            metrics.LOOKUPS.labels(result="not_found").inc()
+            metrics.looked_up("not_found")
             return None
-        metrics.LOOKUPS.labels(result="unavailable").inc()
-        raise SourceUnavailable(
-            f"cannot look up LocustTest {namespace}/{name}: {_describe(failure)}"
-        ) from failure
+        metrics.looked_up("unavailable")
+        raise SourceUnavailable(_describe(failure)) from failure
 
     def _fetch(self, namespace: str, name: str, deadline: float) -> Any:
         """The object from the API, None on 404 (in every version that may serve it)."""
@@ -244,17 +242,17 @@ class ClusterSource:
         would stay until the next re-list; a LocustTest created again has another uid)."""
         info = _parse(obj)
         if info is None:
-            metrics.LOOKUPS.labels(result="not_found").inc()
+            metrics.looked_up("not_found")
             return None
         key = (info.namespace, info.name)
         with self._lock:
             watched = view.get(key)
             if watched is None and _uid(obj) in self._deleted:
-                metrics.LOOKUPS.labels(result="not_found").inc()
+                metrics.looked_up("not_found")
                 return None
             if watched is None:
                 view[key] = info
-        metrics.LOOKUPS.labels(result="direct_get").inc()
+        metrics.looked_up("direct_get")
         if watched is not None:
             return watched
         metrics.CACHE_SIZE.set(self.size())

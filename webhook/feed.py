@@ -307,25 +307,25 @@ class FeedSource:
         """The LocustTest from the copy, else the watcher's answer (its cache or the API)."""
         info = self._view.get((namespace, name))
         if info is not None:
-            metrics.LOOKUPS.labels(result="cache_hit").inc()
+            metrics.looked_up("cache_hit")
             return info
         key = (namespace, name)
         with self._misses_lock:
             if self._absent.get(key, 0.0) > time.monotonic():
-                metrics.LOOKUPS.labels(result="not_found").inc()
+                metrics.looked_up("not_found")
                 return None
             miss = self._misses.get(key)
             asking = miss is None
             if miss is None:
                 if len(self._misses) >= self._misses_in_flight:
-                    metrics.LOOKUPS.labels(result="unavailable").inc()
+                    metrics.looked_up("unavailable")
                     raise SourceUnavailable(
-                        f"cannot look up LocustTest {namespace}/{name}: this worker is already "
-                        f"looking up {len(self._misses)} LocustTests missing from its copy"
+                        f"this worker is already looking up {len(self._misses)} LocustTests "
+                        "missing from its copy"
                     )
                 miss = self._misses[key] = _Answer()
                 # What those waiting on it are told if the asker fails on something else.
-                miss.error = f"cannot look up LocustTest {namespace}/{name}: internal error"
+                miss.error = "internal error"
         if asking:
             # A failure is counted where it happened: in the watcher, or in _ask.
             try:
@@ -341,8 +341,8 @@ class FeedSource:
                         self._absent[key] = time.monotonic() + ABSENT_SECONDS
                 miss.done.set()
         elif not miss.done.wait(self._lookup_timeout + 2 * ANSWER_MARGIN):
-            metrics.LOOKUPS.labels(result="unavailable").inc()
-            raise SourceUnavailable(f"cannot look up LocustTest {namespace}/{name}: no answer")
+            metrics.looked_up("unavailable")
+            raise SourceUnavailable("no answer")
         if miss.error is not None:
             raise SourceUnavailable(miss.error)
         return None if miss.record is None else from_wire(miss.record)
@@ -375,11 +375,8 @@ class FeedSource:
             reason = str(exc)
         finally:
             self._waiting.pop(request_id, None)
-        metrics.LOOKUPS.labels(result="unavailable").inc()
-        raise SourceUnavailable(
-            f"cannot look up LocustTest {namespace}/{name}: the LocustTest watcher process: "
-            f"{reason}"
-        )
+        metrics.looked_up("unavailable")
+        raise SourceUnavailable(f"the LocustTest watcher process: {reason}")
 
     # -- the feed --------------------------------------------------------------------------------
 

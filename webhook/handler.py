@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +26,7 @@ from .review import (
     patched,
 )
 
-log = logging.getLogger("webhook.admission")
+log = logs.ADMISSION
 # Answers remembered per worker (~3.7 KB each for a typical pod, key included: ~1 MB when
 # full). A test start is a burst of pods of two shapes (master, worker), so 256 covers 128 tests
 # starting at once; when full the memo is emptied and refills on the next pod of each shape.
@@ -53,6 +52,17 @@ class Outcome:
     reason: str
     test: str = ""
     role: str = ""
+
+
+def _malformed(review: Review, problem: str, test: str) -> Outcome:
+    """A pod the webhook cannot read: admitted unchanged, whatever the failure policy."""
+    return Outcome(
+        allowed(review.uid, [f"pod not mutated: {problem}"]), "skipped", "malformed-pod", test
+    )
+
+
+def _not_injected(namespace: str, test: str, why: str) -> str:
+    return f"LocustTest {namespace}/{test}: {why}: observability was not injected"
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +106,8 @@ class Handler:
             "uid": review.uid,
             "namespace": review.namespace,
             # Names are at most 253 characters: a longer pod name (no API server sends
-            # one) is cut, a longer LocustTest name refused above, so that a line stays
-            # one pipe write.
+            # one) is cut, a longer LocustTest name skipped as malformed (_decide), so that
+            # a line stays one pipe write.
             "pod": pod_name[:NAME_CHARS] if isinstance(pod_name, str) else "",
             "locusttest": result.test,
             "role": result.role,
@@ -115,9 +125,17 @@ class Handler:
         return envelope(review.api_version, result.response)
 
     def _refuse_or_allow(
-        self, review: Review, reason: str, message: str, test: str, required: bool = False
+        self,
+        review: Review,
+        reason: str,
+        namespace: str,
+        test: str,
+        why: str,
+        required: bool = False,
     ) -> Outcome:
-        """The failure policy: deny when failing closed, else admit unchanged with a warning."""
+        """The failure policy: deny when failing closed, else admit unchanged with a warning
+        that says `why` the LocustTest's observability was not injected."""
+        message = _not_injected(namespace, test, why)
         if self.fail_closed or required:
             return Outcome(denied(review.uid, message), "denied", reason, test)
         return Outcome(allowed(review.uid, [message]), "failed_open", reason, test)
@@ -134,66 +152,39 @@ class Handler:
         if not isinstance(test_name, str) or not test_name:
             return Outcome(allowed(review.uid), "skipped", "no-test-label")
         if len(test_name) > NAME_CHARS:
-            message = f"pod not mutated: its {TEST_NAME_LABEL} label is longer than any name"
-            return Outcome(allowed(review.uid, [message]), "skipped", "malformed-pod")
-        namespace = review.namespace or str(metadata.get("namespace") or "")
+            return _malformed(review, f"its {TEST_NAME_LABEL} label is longer than any name", "")
+        if opted_out(pod):
+            return Outcome(allowed(review.uid), "skipped", "opted-out", test_name)
+        # request.namespace; a hand-made review without one may name it in the pod.
+        namespace = review.namespace or metadata.get("namespace")
+        if not isinstance(namespace, str) or not namespace:
+            return _malformed(review, "the request has no namespace", test_name)
+        if len(namespace) > MAX_NAMESPACE:  # only metadata's: parse_review checked the request's
+            return _malformed(
+                review, "metadata.namespace is longer than a namespace name", test_name
+            )
+        if self.namespaces and namespace not in self.namespaces:
+            why = f"namespace {namespace} is not among the webhook's --namespaces"
+            return self._refuse_or_allow(review, "namespace-not-watched", namespace, test_name, why)
         try:
-            if opted_out(pod):
-                return Outcome(allowed(review.uid), "skipped", "opted-out", test_name)
-            if not namespace:
-                raise MalformedPod("the request has no namespace")
-            if len(namespace) > MAX_NAMESPACE:  # only metadata's: parse_review checked the rest
-                raise MalformedPod("metadata.namespace is longer than a namespace name")
-            if self.namespaces and namespace not in self.namespaces:
-                return self._refuse_or_allow(
-                    review,
-                    "namespace-not-watched",
-                    f"LocustTest {namespace}/{test_name}: namespace {namespace} is not among "
-                    "the webhook's --namespaces: observability was not injected",
-                    test_name,
-                )
             test = self.source.get(namespace, test_name)
-        except MalformedPod as exc:
-            return Outcome(
-                allowed(review.uid, [f"pod not mutated: {exc}"]),
-                "skipped",
-                "malformed-pod",
-                test_name,
-            )
         except SourceUnavailable as exc:  # counted in LOOKUPS by the source itself
-            return self._refuse_or_allow(
-                review,
-                "api-unavailable",
-                f"LocustTest {namespace}/{test_name} could not be read ({exc}): "
-                "observability was not injected",
-                test_name,
-            )
+            why = f"could not be read ({exc})"
+            return self._refuse_or_allow(review, "api-unavailable", namespace, test_name, why)
         except Exception:
             log.exception(
                 "LocustTest lookup failed", extra={"uid": review.uid, "locusttest": test_name}
             )
-            return self._refuse_or_allow(
-                review,
-                "internal-error",
-                f"LocustTest {namespace}/{test_name}: internal error while reading it: "
-                "observability was not injected",
-                test_name,
-            )
+            why = "internal error while reading it"
+            return self._refuse_or_allow(review, "internal-error", namespace, test_name, why)
         if test is None:
             return self._refuse_or_allow(
-                review,
-                "locusttest-not-found",
-                f"LocustTest {namespace}/{test_name} not found: observability was not injected",
-                test_name,
+                review, "locusttest-not-found", namespace, test_name, "not found"
             )
         if test.problem:
+            why = f"cannot be read ({test.problem})"
             return self._refuse_or_allow(
-                review,
-                "locusttest-invalid",
-                f"LocustTest {namespace}/{test_name} cannot be read ({test.problem}): "
-                "observability was not injected",
-                test_name,
-                test.required,
+                review, "locusttest-invalid", namespace, test_name, why, test.required
             )
         return self._mutate(review, pod, test, namespace)
 
@@ -209,21 +200,17 @@ class Handler:
                 result = mutate(pod, test, namespace, self.settings)
                 patch = encode_patch(diff(pod, result.pod))
             except MalformedPod as exc:
-                message = f"pod not mutated: {exc}"
-                return Outcome(allowed(review.uid, [message]), "skipped", "malformed-pod", name)
+                return _malformed(review, str(exc), name)
             except NoTarget as exc:
-                message = f"LocustTest {namespace}/{name}: observability was not injected: {exc}"
+                message = _not_injected(namespace, name, str(exc))
                 if test.required:
                     return Outcome(denied(review.uid, message), "denied", "no-target", name)
                 return Outcome(allowed(review.uid, [message]), "skipped", "no-target", name)
             except Exception:
                 log.exception("mutation failed", extra={"uid": review.uid, "locusttest": name})
+                why = "internal error while mutating the pod"
                 return self._refuse_or_allow(
-                    review,
-                    "internal-error",
-                    f"LocustTest {namespace}/{name}: internal error while injecting observability",
-                    name,
-                    test.required,
+                    review, "internal-error", namespace, name, why, test.required
                 )
             done = Mutated(patch, result.warnings, result.mode, result.role, tuple(result.notes))
             if key is not None and len(patch) <= MEMO_PATCH_CHARS:

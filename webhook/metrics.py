@@ -63,6 +63,17 @@ LOOKUPS = Counter(
     "LocustTest lookups, by result (cache_hit, direct_get, not_found, unavailable)",
     ["result"],
 )
+_lookups: dict[str, Counter] = {}
+
+
+def looked_up(result: str) -> None:
+    """Count one LocustTest lookup (label lookups remembered, as in `admitted`)."""
+    child = _lookups.get(result)
+    if child is None:
+        child = _lookups[result] = LOOKUPS.labels(result)
+    child.inc()
+
+
 # livemax: the watcher process imports this module too, and holds this gauge at 0 (it serves
 # nothing); the workers all load the same files, so they differ only for the moment a reload
 # takes (a rejected one is counted in CERT_RELOADS).

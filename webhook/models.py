@@ -98,7 +98,7 @@ def _shared(spec: OtelSpec) -> OtelSpec:
 _SPECS: weakref.WeakValueDictionary[tuple[Any, ...], OtelSpec] = weakref.WeakValueDictionary()
 
 
-def parse_locusttest(obj: Any, default_namespace: str = "default") -> LocustTestInfo:
+def parse_locusttest(obj: Any) -> LocustTestInfo:
     """A LocustTest object (v1 or v2, from the API or a YAML file) as LocustTestInfo. One with
     a name whose rest cannot be read comes back with `problem` saying why (and `required` as
     far as it can be read), so that its pods are told it is invalid rather than missing.
@@ -121,7 +121,7 @@ def parse_locusttest(obj: Any, default_namespace: str = "default") -> LocustTest
         problem = str(exc)
     # Thousands of tests share a few namespaces and versions: keep one copy of each string.
     return LocustTestInfo(
-        namespace=sys.intern(str(metadata.get("namespace") or default_namespace)),
+        namespace=sys.intern(str(metadata.get("namespace") or "default")),
         name=name,
         api_version=sys.intern(api_version),
         required=isinstance(annotations, dict) and annotations.get(REQUIRED_ANNOTATION) == "true",

@@ -60,8 +60,6 @@ class MutationResult:
     mode: str
     role: Role
     container: str
-    added: list[str] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -113,10 +111,10 @@ def mutate(
 
     Raises MalformedPod or NoTarget when the pod cannot be mutated.
     """
+    if opted_out(pod):  # whatever its shape, as the server skips it
+        return MutationResult(pod, "opted-out", "unknown", "")
     check_shape(pod)
     target = find_target(pod)
-    if opted_out(pod):
-        return MutationResult(pod, "opted-out", target.role, target.name)
     container = pod["spec"]["containers"][target.index]
     warnings: list[str] = []
     added: list[str] = []
@@ -165,6 +163,5 @@ def mutate(
         }
         pod = with_annotations(pod, {STATUS_ANNOTATION: orjson.dumps(status).decode()})
     return MutationResult(
-        pod, mode, target.role, target.name, added, removed, warnings,
-        _job_note(pod, test, target.role),
-    )  # fmt: skip
+        pod, mode, target.role, target.name, warnings, _job_note(pod, test, target.role)
+    )

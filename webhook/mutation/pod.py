@@ -246,7 +246,8 @@ def web_port(container: Container, words: list[str]) -> int:
 
 def owner_job(pod: Pod) -> str | None:
     """Name of the Job that owns the pod, from ownerReferences or the Job controller's labels."""
-    for ref in pod["metadata"].get("ownerReferences") or ():
+    refs = pod["metadata"].get("ownerReferences")
+    for ref in refs if isinstance(refs, list) else ():
         if isinstance(ref, dict) and ref.get("kind") == "Job" and isinstance(ref.get("name"), str):
             return str(ref["name"])
     values = pod_labels(pod)
