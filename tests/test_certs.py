@@ -9,6 +9,7 @@ import os
 import socket
 import ssl
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from webhook.certs import (
     subject_alternative_names,
     write_dir,
 )
+from webhook.cli import main
 from webhook.config import SettingError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,6 +197,38 @@ def test_a_lost_serving_file_is_reissued_under_the_same_ca(
     assert (tmp_path / "ca.crt").read_bytes() == ca_before
     cert.verify_directly_issued_by(bundle[0])
     assert "tls.crt or tls.key is missing or unreadable" in capsys.readouterr().out
+
+
+def _a_file(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "file").write_text("")
+    return tmp_path / "file", tmp_path / "file" / "ca.crt"
+
+
+def _a_directory_named_ca_crt(tmp_path: Path) -> tuple[Path, Path]:
+    (tmp_path / "ca.crt").mkdir()
+    return tmp_path, tmp_path / "ca.crt"
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        (_a_file, "Not a directory"),
+        (_a_directory_named_ca_crt, "Is a directory"),
+        (lambda _: (Path("/proc/nope"), Path("/proc/nope")), "No such file or directory"),
+    ],
+    ids=["a file", "ca.crt a directory", "cannot be created"],
+)
+def test_an_out_dir_that_cannot_be_used_is_said_in_one_line(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    where: Callable[[Path], tuple[Path, Path]],
+    reason: str,
+) -> None:
+    out_dir, path = where(tmp_path)
+    capsys.readouterr()
+    assert main(["certs", "--out-dir", str(out_dir)]) == 2
+    said = capsys.readouterr().err
+    assert said == f"locust-webhook certs: --out-dir (LOCUST_WEBHOOK_OUT_DIR): {path}: {reason}\n"
 
 
 def with_files_of_another_ca(out_dir: Path, *names: str) -> Path:

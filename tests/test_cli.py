@@ -6,6 +6,7 @@ import base64
 import json
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import jsonpatch
 import pytest
 import yaml
 from conftest import cli, parse_serve
+from cryptography.hazmat.primitives import serialization
 from fixtures import locusttest, operator_pod
 from server_process import make_certs
 
@@ -148,6 +150,56 @@ def test_serve_refuses_a_key_that_does_not_match(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "--key-file (LOCUST_WEBHOOK_KEY_FILE)" in done.stderr
     assert "is not the key of" in done.stderr
+
+
+def _encrypted(key_pem: bytes, form: serialization.PrivateFormat) -> bytes:
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    return key.private_bytes(
+        serialization.Encoding.PEM, form, serialization.BestAvailableEncryption(b"secret")
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "said"),
+    [
+        (
+            lambda d: _encrypted((d / "tls.key").read_bytes(), serialization.PrivateFormat.PKCS8),
+            "the private key in {key} is encrypted (serve needs an unencrypted key)",
+        ),
+        (
+            lambda d: _encrypted(
+                (d / "tls.key").read_bytes(), serialization.PrivateFormat.TraditionalOpenSSL
+            ),
+            "the private key in {key} is encrypted (serve needs an unencrypted key)",
+        ),
+        (lambda d: (d / "tls.crt").read_bytes(), "{key} holds no PEM private key"),
+        (lambda d: b"", "{key} holds no PEM private key"),
+    ],
+    ids=["encrypted PKCS#8", "encrypted traditional", "a certificate", "empty"],
+)
+def test_serve_says_what_is_wrong_with_a_key_it_cannot_use(
+    tmp_path: Path, key: Callable[[Path], bytes], said: str
+) -> None:
+    """Not OpenSSL's `PEM lib`, nor its pass phrase prompt (which blocks on a terminal)."""
+    make_certs(tmp_path)
+    key_file = tmp_path / "other.key"
+    key_file.write_bytes(key(tmp_path))
+    done = cli(
+        "serve", "--cert-file", str(tmp_path / "tls.crt"), "--key-file", str(key_file),
+        "--locusttests", str(tmp_path), stdin=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert said.format(key=key_file) in done.stderr
+    assert "PEM lib" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("flag", ["--cert-file", "--key-file"])
+def test_serve_says_a_directory_given_as_a_file_is_not_a_file(tmp_path: Path, flag: str) -> None:
+    make_certs(tmp_path)
+    args = {"--cert-file": str(tmp_path / "tls.crt"), "--key-file": str(tmp_path / "tls.key")}
+    args[flag] = str(tmp_path)
+    with pytest.raises(SettingError, match=rf"{flag} .*: '{tmp_path}' is not a file$"):
+        serve_settings(parse_serve([x for pair in args.items() for x in pair]), {})
 
 
 @pytest.mark.parametrize(

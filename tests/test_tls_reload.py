@@ -6,20 +6,31 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import logging
 import os
+import signal
 import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+)
+from cryptography.x509.oid import NameOID
 from fixtures import operator_pod, review
-from server_process import BIN, Server, serve
+from prometheus_client import REGISTRY
+from server_process import BIN, Server, serve, wait_ready
 
 BODY = json.dumps(review(operator_pod("any", "worker"))).encode()
 
@@ -28,6 +39,30 @@ def certs(directory: Path, days: int) -> Path:
     command = [str(BIN / "locust-webhook"), "certs", "--out-dir", str(directory)]
     command += ["--service", "localhost", "--days", str(days), "--renew-before-days", "1"]
     subprocess.run(command, check=True, capture_output=True, timeout=30)
+    return directory
+
+
+def self_signed(not_before: datetime, not_after: datetime) -> tuple[x509.Certificate, bytes]:
+    """A certificate for localhost valid from `not_before` to `not_after`, and its key (PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return cert, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+
+
+def write_self_signed(directory: Path, not_before: datetime, not_after: datetime) -> Path:
+    """tls.crt and tls.key of a self-signed pair in `directory`; ca.crt is the certificate."""
+    cert, key = self_signed(not_before, not_after)
+    directory.mkdir(exist_ok=True)
+    for name in ("ca.crt", "tls.crt"):
+        (directory / name).write_bytes(cert.public_bytes(Encoding.PEM))
+    (directory / "tls.key").write_bytes(key)
     return directory
 
 
@@ -259,28 +294,18 @@ def test_half_written_certificate_is_refused(
 
 
 @pytest.mark.parametrize("years", [1, 40])  # UTCTime until 2049, GeneralizedTime after
-def test_not_after_reads_the_certificate_expiry(tmp_path: Path, years: int) -> None:
-    from datetime import UTC, datetime, timedelta
+def test_validity_reads_the_certificate_dates(years: int) -> None:
+    from webhook.tls import validity
 
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    from webhook.tls import not_after
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x")])
     now = datetime.now(UTC).replace(microsecond=0)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + timedelta(days=365 * years))
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
+    cert, _ = self_signed(now, now + timedelta(days=365 * years))
     pem = cert.public_bytes(Encoding.PEM)
-    assert not_after(b"junk\n" + pem) == cert.not_valid_after_utc.timestamp()
+    assert validity(b"junk\n" + pem) == (
+        cert.not_valid_before_utc.timestamp(),
+        cert.not_valid_after_utc.timestamp(),
+    )
     with pytest.raises(ValueError):
-        not_after(pem[: len(pem) // 2])
+        validity(pem[: len(pem) // 2])
 
 
 def test_connections_share_one_context_until_the_files_change(
@@ -308,3 +333,120 @@ def test_connections_share_one_context_until_the_files_change(
     second = ssl_context(config)
     assert second is not first
     assert ssl_context(config) is second
+
+
+def test_a_worker_started_while_the_key_is_missing_serves_and_the_server_stays_up(
+    tmp_path: Path,
+) -> None:
+    """A worker that gunicorn starts while a file is missing for a moment (a Secret update, a
+    renewal), after another one crashed or was killed, serves the certificate it has. It used to
+    fail its boot, and gunicorn then stopped the whole server."""
+    examples = tmp_path / "locusttests"
+    examples.mkdir()
+    with serve(tmp_path, "--workers", "2", "--locusttests", str(examples)) as server:
+        workers = server.workers(2)
+        key = server.cert_dir / "tls.key"
+        key.rename(server.cert_dir / "tls.key.bak")
+        try:
+            os.kill(min(workers), signal.SIGKILL)
+            deadline = time.monotonic() + 15
+            while not set(server.children()) - workers:
+                assert server.process.poll() is None, server.log()
+                assert time.monotonic() < deadline, "no worker started in place of the killed one"
+                time.sleep(0.05)
+            time.sleep(2)  # the new worker boots, or fails to and the server stops
+            assert server.process.poll() is None, server.log()
+            for _ in range(20):  # on fresh connections: both workers answer some
+                server.admit(operator_pod("any", "worker"))
+        finally:
+            (server.cert_dir / "tls.key.bak").rename(key)
+    assert "Worker failed to boot" not in server.log()
+
+
+@pytest.mark.parametrize(
+    ("valid_from", "valid_until", "said"),
+    [(-30, -1, "expired at"), (1, 30, "is not valid before")],
+    ids=["expired", "not yet valid"],
+)
+def test_a_certificate_not_valid_now_is_served_with_an_error_at_start(
+    tmp_path: Path, valid_from: int, valid_until: int, said: str
+) -> None:
+    """The API server refuses it, but certgen or cert-manager may be about to replace it, and
+    the reload picks the new one up: serving beats not starting; the log says what is wrong."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    start, end = now + timedelta(days=valid_from), now + timedelta(days=valid_until)
+    cert_dir = write_self_signed(tmp_path / "certs", start, end)
+    examples = tmp_path / "locusttests"
+    examples.mkdir()
+    with serve(
+        tmp_path, "--workers", "2", "--locusttests", str(examples), cert_dir=cert_dir, ready=False
+    ) as server:
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        wait_ready(server.url, unverified, server.process)
+    moment = start if valid_from > 0 else end
+    errors = [
+        line["message"]
+        for line in map(json.loads, server.log().splitlines())
+        if line.get("level") == "error"
+    ]
+    assert len(errors) == 1, errors  # said once, by the master
+    assert f"{said} {moment:%Y-%m-%dT%H:%M:%SZ}" in errors[0]
+    assert "the API server will refuse it" in errors[0]
+
+
+def install(source: Path, target: Path) -> None:
+    """Replace the pair in `target` by the one in `source`, each file by a rename."""
+    for name in ("tls.crt", "tls.key"):
+        staged = target / f".{name}.new"
+        staged.write_bytes((source / name).read_bytes())
+        os.replace(staged, target / name)
+
+
+def rejected_reloads() -> float:
+    labels = {"result": "rejected"}
+    return REGISTRY.get_sample_value("locust_webhook_certificate_reloads_total", labels) or 0.0
+
+
+def test_a_valid_certificate_is_not_replaced_by_an_expired_one(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from webhook.tls import ReloadingContext
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    served = write_self_signed(tmp_path / "served", now - timedelta(days=1), now + timedelta(1))
+    expired_at = now - timedelta(hours=1)
+    expired = write_self_signed(tmp_path / "expired", now - timedelta(days=1), expired_at)
+    tls = ReloadingContext(str(served / "tls.crt"), str(served / "tls.key"), check_interval=0)
+    first = tls.context()
+    rejected = rejected_reloads()
+    install(expired, served)
+    with caplog.at_level(logging.INFO, logger="webhook.tls"):
+        assert tls.context() is first
+        assert tls.context() is first
+    assert [r.getMessage() for r in caplog.records] == [
+        f"keeping the current certificate: {served / 'tls.crt'} expired at "
+        f"{expired_at:%Y-%m-%dT%H:%M:%SZ}"
+    ]
+    assert rejected_reloads() == rejected + 1
+
+
+def test_a_certificate_not_valid_yet_is_loaded_once_it_is(tmp_path: Path) -> None:
+    """Issuers date a certificate from the moment they sign it, by their own clock: one read
+    a moment before that is loaded when the moment comes, not refused for good."""
+    from webhook.tls import ReloadingContext
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    served = write_self_signed(tmp_path / "served", now - timedelta(days=1), now + timedelta(1))
+    soon = now + timedelta(seconds=2)
+    early = write_self_signed(tmp_path / "early", soon, soon + timedelta(days=1))
+    tls = ReloadingContext(str(served / "tls.crt"), str(served / "tls.key"), check_interval=0)
+    first = tls.context()
+    rejected = rejected_reloads()
+    install(early, served)
+    while time.time() < soon.timestamp():
+        assert tls.context() is first
+        time.sleep(0.1)
+    assert tls.context() is not first
+    assert rejected_reloads() == rejected + 1

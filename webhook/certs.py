@@ -678,7 +678,11 @@ def run(args: argparse.Namespace) -> int:
     settings = certs_settings(args, os.environ)
     now = datetime.now(UTC).replace(microsecond=0)
     if settings.out_dir:
-        messages = reconcile_dir(settings.out_dir, settings.names, settings.validity, now)
+        try:
+            messages = reconcile_dir(settings.out_dir, settings.names, settings.validity, now)
+        except OSError as exc:
+            where = exc.filename or settings.out_dir
+            raise SettingError(f"{named('--out-dir')}: {where}: {exc.strerror or exc}") from None
     else:
         from kubernetes.client import ApiException
         from urllib3.exceptions import HTTPError

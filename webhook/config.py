@@ -330,6 +330,8 @@ def serve_settings(
     settings = ServeSettings(mutation=mutation_settings(args, env), **values)
     for option in (o for o in SERVE_OPTIONS if o.flag in ("--cert-file", "--key-file")):
         path = getattr(settings, option.attr)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise SettingError(f"{named(option.flag)}: {path!r} is not a file")
         if not os.path.isfile(path):
             hint = (
                 " (`make certs` writes development certificates for localhost there)"

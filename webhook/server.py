@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
+from gunicorn.config import Config
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from . import logs
@@ -169,6 +170,19 @@ class WebhookWorker(ThreadWorker):  # type: ignore[misc]
                 return
 
 
+class TLSConfig(Config):  # type: ignore[misc]
+    """gunicorn's settings, serving TLS without its `certfile` and `keyfile`: the `ssl_context`
+    hook hands out the context that ReloadingContext holds. With them set, every worker that
+    gunicorn starts checks that both files exist (each binds its own socket, reuse_port): one
+    started while a file was missing for a moment (a Secret update, a renewal) failed to boot,
+    and gunicorn then stopped the whole server. A worker serves the pair it was forked with
+    until it can read the files again."""
+
+    @property
+    def is_ssl(self) -> bool:
+        return True
+
+
 class WebhookServer(BaseApplication):  # type: ignore[misc]
     """gunicorn configured for the API server's traffic (SPEC section 8)."""
 
@@ -180,6 +194,9 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
         self.fork_signals = WorkerForkSignals()
         self.source: LocustTestSource | None = None
         super().__init__()
+
+    def load_default_config(self) -> None:
+        self.cfg = TLSConfig(self.usage, prog=self.prog)
 
     def load_config(self) -> None:
         s = self.settings
@@ -212,6 +229,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
                 "serving HTTPS on %s port %d: %d workers of %d threads",
                 s.host, s.port, s.workers, s.threads,
             )  # fmt: skip
+            tls.warn_if_not_valid()  # here, once logging is set up
 
         options = {
             "bind": f"[{s.host}]:{s.port}" if ":" in s.host else f"{s.host}:{s.port}",
@@ -223,8 +241,6 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             "reuse_port": True,
             "graceful_timeout": s.graceful_timeout,
             "timeout": 30,
-            "certfile": s.cert_file,
-            "keyfile": s.key_file,
             "ssl_context": ssl_context,
             "pre_fork": pre_fork,
             "post_worker_init": post_worker_init,

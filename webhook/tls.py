@@ -3,13 +3,14 @@
 gunicorn asks for a context on every new connection; building one costs ~1 ms of CPU, so the
 context is cached and the files are only stat()ed, at most once per `check_interval`. A pair
 that does not load (half-written, key not matching the certificate) is refused and the
-previous context is kept.
+previous context is kept, and so is a valid certificate over one expired or not valid yet.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
+import math
 import os
 import re
 import socket
@@ -21,6 +22,8 @@ from datetime import UTC, datetime
 
 log = logging.getLogger(__name__)
 PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----(.+?)-----END CERTIFICATE-----", re.S)
+# PRIVATE KEY (PKCS#8), ENCRYPTED PRIVATE KEY, EC PRIVATE KEY, RSA PRIVATE KEY, ...
+PEM_PRIVATE_KEY = re.compile(rb"-----BEGIN [A-Z ]*PRIVATE KEY-----")
 
 
 class CertificateError(ValueError):
@@ -124,8 +127,21 @@ class DeadlineSSLSocket(ssl.SSLSocket):
 @dataclass(frozen=True)
 class LoadedPair:
     context: ssl.SSLContext
+    not_before: float
     not_after: float
     stamp: tuple[tuple[int, int, int], ...]
+
+    def invalid(self, now: float) -> str | None:
+        """Why the certificate is not valid at `now` (Unix time), or None when it is."""
+        if now >= self.not_after:
+            return f"expired at {_utc(self.not_after)}"
+        if now < self.not_before:
+            return f"is not valid before {_utc(self.not_before)}"
+        return None
+
+
+def _utc(moment: float) -> str:
+    return datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _stamp(*paths: str) -> tuple[tuple[int, int, int], ...]:
@@ -153,8 +169,9 @@ def _der_element(der: bytes, pos: int) -> tuple[int, int, int]:
     return tag, pos, pos + length
 
 
-def not_after(cert_pem: bytes) -> float:
-    """notAfter of the first certificate in a PEM file (RFC 5280 TBSCertificate.validity).
+def validity(cert_pem: bytes) -> tuple[float, float]:
+    """(notBefore, notAfter) of the first certificate in a PEM file, as Unix times (RFC 5280
+    TBSCertificate.validity).
 
     Read from the DER directly: the serving processes then need no `cryptography`, whose
     import alone costs ~8 MB in every worker."""
@@ -169,13 +186,19 @@ def not_after(cert_pem: bytes) -> float:
         pos = end
     for _ in ("serialNumber", "signature", "issuer"):
         pos = _der_element(der, pos)[2]
-    _, validity, _ = _der_element(der, pos)
-    tag, start, end = _der_element(der, _der_element(der, validity)[2])  # after notBefore
-    layout = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}.get(tag)  # UTCTime, GeneralizedTime
+    _, dates, _ = _der_element(der, pos)
+    not_before, end = _der_time(der, dates)
+    return not_before, _der_time(der, end)[0]
+
+
+def _der_time(der: bytes, pos: int) -> tuple[float, int]:
+    """(Unix time, end) of the UTCTime or GeneralizedTime at `pos`."""
+    tag, start, end = _der_element(der, pos)
+    layout = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}.get(tag)
     if layout is None:
         raise ValueError("no validity in the certificate")
     moment = datetime.strptime(der[start:end].decode("ascii"), layout)
-    return moment.replace(tzinfo=UTC).timestamp()
+    return moment.replace(tzinfo=UTC).timestamp(), end
 
 
 def load_pair(cert_file: str, key_file: str) -> LoadedPair:
@@ -183,15 +206,24 @@ def load_pair(cert_file: str, key_file: str) -> LoadedPair:
     try:
         stamp = _stamp(cert_file, key_file)
         cert_pem, key_pem = _read(cert_file), _read(key_file)
-        expires = not_after(cert_pem)
+        not_before, not_after = validity(cert_pem)
     except (OSError, ValueError, IndexError) as exc:
         raise CertificateError(f"cannot read {cert_file} / {key_file}: {exc}") from None
+    if not PEM_PRIVATE_KEY.search(key_pem):
+        raise CertificateError(f"{key_file} holds no PEM private key")
+
+    def refuse_password() -> bytes:
+        # Without it OpenSSL asks for the pass phrase on the terminal, and blocks.
+        raise CertificateError(
+            f"the private key in {key_file} is encrypted (serve needs an unencrypted key)"
+        )
+
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     # Bounded reads for every connection this context wraps (see DeadlineSSLSocket).
     context.sslsocket_class = DeadlineSSLSocket
     try:
-        context.load_cert_chain(cert_file, key_file)
+        context.load_cert_chain(cert_file, key_file, password=refuse_password)
         # The files may have been swapped between our read and OpenSSL's: only accept a load
         # of exactly the bytes that were checked.
         if _read(cert_file) != cert_pem or _read(key_file) != key_pem:
@@ -202,7 +234,7 @@ def load_pair(cert_file: str, key_file: str) -> LoadedPair:
         raise CertificateError(f"cannot load {cert_file} / {key_file}: {exc}") from None
     except OSError as exc:
         raise CertificateError(f"cannot load {cert_file} / {key_file}: {exc}") from None
-    return LoadedPair(context, expires, stamp)
+    return LoadedPair(context, not_before, not_after, stamp)
 
 
 class ReloadingContext:
@@ -216,12 +248,25 @@ class ReloadingContext:
         self._current = load_pair(cert_file, key_file)
         self._checked = time.monotonic()
         self._rejected: tuple[tuple[int, int, int], ...] | None = None
+        self._retry_at = math.inf  # when the rejected files are tried again (Unix time)
 
     def publish(self) -> None:
         """Export the serving certificate's expiry from this process (a worker, after fork)."""
         from . import metrics
 
         metrics.CERT_EXPIRY.set(self._current.not_after)
+
+    def warn_if_not_valid(self) -> None:
+        """Log an error when the certificate served is expired or not valid yet. It is served
+        all the same: certgen or cert-manager may be about to replace it, and a reload picks
+        the new files up."""
+        problem = self._current.invalid(time.time())
+        if problem:
+            log.error(
+                "%s %s: the API server will refuse it; it is served until the files are "
+                "replaced (they are reloaded on change)",
+                self.cert_file, problem,
+            )  # fmt: skip
 
     def context(self) -> ssl.SSLContext:
         """The context to wrap a new connection with."""
@@ -238,15 +283,23 @@ class ReloadingContext:
         # Imported here: the gunicorn master builds this object and must not create metric files.
         from . import metrics
 
+        now = time.time()
         stamp = None
+        retry_at = math.inf
         try:
             stamp = _stamp(self.cert_file, self.key_file)
-            if stamp in (self._current.stamp, self._rejected):
+            if stamp == self._current.stamp or (stamp == self._rejected and now < self._retry_at):
                 return
             pair = load_pair(self.cert_file, self.key_file)
+            problem = pair.invalid(now)
+            if problem and self._current.invalid(now) is None:
+                # The API server would refuse it: keep the one it accepts. A certificate not
+                # valid yet (its issuer's clock is ahead of ours) is tried again when it is.
+                retry_at = pair.not_before if now < pair.not_before else math.inf
+                raise CertificateError(f"{self.cert_file} {problem}")
         except (OSError, CertificateError) as exc:
             # Refuse this version of the files once; a later write changes the stamp again.
-            self._rejected = stamp
+            self._rejected, self._retry_at = stamp, retry_at
             metrics.CERT_RELOADS.labels("rejected").inc()
             log.warning("keeping the current certificate: %s", exc)
             return
@@ -254,3 +307,4 @@ class ReloadingContext:
         metrics.CERT_EXPIRY.set(pair.not_after)
         metrics.CERT_RELOADS.labels("loaded").inc()
         log.info("serving a new certificate", extra={"not_after": pair.not_after})
+        self.warn_if_not_valid()
