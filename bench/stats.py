@@ -50,7 +50,6 @@ def verdict(values: list[float], holds: Callable[[float], bool]) -> tuple[str, s
     return shown, by_median, "undecided"
 
 
-def measured_once(ok: bool) -> tuple[str, str, str]:
-    """`verdict`'s columns for a target judged on one measurement: no interval."""
-    answer = "yes" if ok else "NO"
-    return "", answer, answer
+def measured_once(ok: bool, measurements: str = "one measurement") -> tuple[str, str, str]:
+    """`verdict`'s columns for a target judged without pairs: no interval to judge it on."""
+    return f"none: {measurements}", "yes" if ok else "NO", "no interval"

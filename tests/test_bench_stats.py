@@ -70,6 +70,10 @@ def test_verdict(pairs: list[float], expected: tuple[str, str, str]) -> None:
     assert stats.verdict(pairs, at_most(1.25)) == expected
 
 
-def test_measured_once_repeats_its_answer_without_an_interval() -> None:
-    assert stats.measured_once(True) == ("", "yes", "yes")
-    assert stats.measured_once(False) == ("", "NO", "NO")
+def test_measured_once_answers_on_the_measurement_and_claims_no_interval() -> None:
+    assert stats.measured_once(True) == ("none: one measurement", "yes", "no interval")
+    assert stats.measured_once(False, "median of 2 runs") == (
+        "none: median of 2 runs",
+        "NO",
+        "no interval",
+    )

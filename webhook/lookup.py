@@ -38,7 +38,8 @@ class Backoff:
 
 
 class SourceUnavailable(Exception):
-    """The LocustTest could not be looked up (API unreachable, cache not synced, RBAC missing)."""
+    """The LocustTest could not be looked up (API unreachable, RBAC missing, the watcher process
+    away or busy), or the watcher process cannot start. The message is the reason alone."""
 
 
 class LocustTestSource(Protocol):
