@@ -293,11 +293,20 @@ def test_half_written_certificate_is_refused(
     assert client.seen[-1][1] == fingerprint(pairs[0])
 
 
-@pytest.mark.parametrize("years", [1, 40])  # UTCTime until 2049, GeneralizedTime after
-def test_validity_reads_the_certificate_dates(years: int) -> None:
+@pytest.mark.parametrize(
+    ("since", "years"),
+    [
+        (datetime.now(UTC), 1),  # UTCTime
+        (datetime.now(UTC), 40),  # GeneralizedTime from 2050
+        (datetime(1955, 1, 1, tzinfo=UTC), 1),  # UTCTime 55 is 1955 (RFC 5280), not 2055
+        (datetime(1999, 12, 31, tzinfo=UTC), 1),  # and 99 is 1999, 00 is 2000
+    ],
+    ids=["now", "past 2049", "1955", "1999"],
+)
+def test_validity_reads_the_certificate_dates(since: datetime, years: int) -> None:
     from webhook.tls import validity
 
-    now = datetime.now(UTC).replace(microsecond=0)
+    now = since.replace(microsecond=0)
     cert, _ = self_signed(now, now + timedelta(days=365 * years))
     pem = cert.public_bytes(Encoding.PEM)
     assert validity(b"junk\n" + pem) == (
@@ -439,14 +448,72 @@ def test_a_certificate_not_valid_yet_is_loaded_once_it_is(tmp_path: Path) -> Non
 
     now = datetime.now(UTC).replace(microsecond=0)
     served = write_self_signed(tmp_path / "served", now - timedelta(days=1), now + timedelta(1))
-    soon = now + timedelta(seconds=2)
+    soon = now + timedelta(seconds=4)
     early = write_self_signed(tmp_path / "early", soon, soon + timedelta(days=1))
     tls = ReloadingContext(str(served / "tls.crt"), str(served / "tls.key"), check_interval=0)
     first = tls.context()
     rejected = rejected_reloads()
     install(early, served)
+    checked = 0
     while time.time() < soon.timestamp():
         assert tls.context() is first
+        checked += 1
         time.sleep(0.1)
+    assert checked > 5  # refused while it was not valid, not merely never asked
     assert tls.context() is not first
+    tls.publish()
+    assert expiry() == (soon + timedelta(days=1)).timestamp()
     assert rejected_reloads() == rejected + 1
+
+
+def expiry() -> float | None:
+    return REGISTRY.get_sample_value("locust_webhook_certificate_expiry_timestamp_seconds")
+
+
+def test_a_certificate_not_valid_yet_is_kept_over_an_expired_one(tmp_path: Path) -> None:
+    """Only an expired current certificate gives way to files the API server would refuse: one
+    not valid yet (a few seconds of clock skew) soon will be."""
+    from webhook.tls import ReloadingContext
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    served = write_self_signed(tmp_path / "served", now + timedelta(hours=1), now + timedelta(1))
+    expired = write_self_signed(tmp_path / "expired", now - timedelta(2), now - timedelta(1))
+    tls = ReloadingContext(str(served / "tls.crt"), str(served / "tls.key"), check_interval=0)
+    first = tls.context()
+    install(expired, served)
+    assert tls.context() is first
+    # An expired current pair takes anything that loads.
+    later = write_self_signed(tmp_path / "later", now + timedelta(hours=2), now + timedelta(2))
+    expired_tls = ReloadingContext(str(expired / "tls.crt"), str(expired / "tls.key"), 0)
+    stale = expired_tls.context()
+    install(later, expired)
+    assert expired_tls.context() is not stale
+
+
+def test_the_master_takes_up_the_files_before_forking_silently(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker forked late (in place of one that died) starts from the pair its siblings
+    serve, not from the one the master loaded at start; nothing is said or counted by the
+    master: the workers do that."""
+    from webhook.tls import ReloadingContext
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    served = write_self_signed(tmp_path / "served", now - timedelta(1), now + timedelta(1))
+    renewed = write_self_signed(tmp_path / "renewed", now - timedelta(1), now + timedelta(30))
+    expired = write_self_signed(tmp_path / "expired", now - timedelta(2), now - timedelta(1))
+    # check_interval: the master never hands out contexts, only refresh() reloads
+    master = ReloadingContext(str(served / "tls.crt"), str(served / "tls.key"), 3600)
+    first = master.context()
+    rejected = rejected_reloads()
+    with caplog.at_level(logging.DEBUG, logger="webhook.tls"):
+        install(expired, served)
+        master.refresh()
+        assert master.context() is first  # refused as a worker would, but not remembered
+        install(renewed, served)
+        master.refresh()
+        assert master.context() is not first
+    assert caplog.records == []
+    assert rejected_reloads() == rejected
+    master.publish()  # what a worker forked now does first
+    assert expiry() == (now + timedelta(30)).timestamp()

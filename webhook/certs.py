@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .config import Option, SettingError, add_options, named, resolve, text
+from .config import DNS_LABEL, Option, SettingError, add_options, named, resolve, text
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 LOCAL_IPS: tuple[IPAddress, ...] = (
@@ -64,8 +64,6 @@ def _key_usage(signs_certificates: bool) -> x509.KeyUsage:
 # Clocks of the API server and the node writing the certificate may disagree a little.
 CLOCK_SKEW = timedelta(hours=1)
 CONFLICT_RETRIES = 3
-# Matched with fullmatch: `$` would let a trailing newline through into the Secret and SANs.
-DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 

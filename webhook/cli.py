@@ -85,9 +85,9 @@ def _pick_locusttest(path: str, wanted: str | None) -> Any:
     ]
     if not tests:
         raise UsageError(f"{path} holds no LocustTest")
-    named = [t for t in tests if _mapping(t.get("metadata")).get("name") == wanted] or tests[:1]
+    matching = [t for t in tests if _mapping(t.get("metadata")).get("name") == wanted] or tests[:1]
     # v2 wins over v1 for the same name, as it does for the server.
-    chosen = max(named, key=lambda t: str(t.get("apiVersion")).endswith("/v2"))
+    chosen = max(matching, key=lambda t: str(t.get("apiVersion")).endswith("/v2"))
     try:
         test = parse_locusttest(chosen)
     except InvalidLocustTest as exc:

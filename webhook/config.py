@@ -76,10 +76,15 @@ def _image(raw: str) -> str:
     return raw
 
 
+# A namespace or Service name. Matched with fullmatch: `$` would let a trailing newline through
+# (into a Secret and its SANs).
+DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
 def _namespaces(raw: str) -> tuple[str, ...]:
     names = tuple(sorted({n.strip() for n in raw.split(",") if n.strip()}))
     for name in names:
-        if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", name) or len(name) > 63:
+        if not DNS_LABEL.fullmatch(name):
             raise SettingError(f"{name!r} is not a namespace name")
     return names
 

@@ -75,8 +75,9 @@ def looked_up(result: str) -> None:
 
 
 # livemax: the watcher process imports this module too, and holds this gauge at 0 (it serves
-# nothing); the workers all load the same files, so they differ only for the moment a reload
-# takes (a rejected one is counted in CERT_RELOADS).
+# nothing); the workers all load the same files (one forked late, from the pair the master
+# took up just before), so they differ only for the moment a reload takes (a rejected one is
+# counted in CERT_RELOADS).
 CERT_EXPIRY = Gauge(
     "locust_webhook_certificate_expiry_timestamp_seconds",
     "notAfter of the serving certificate, as a Unix timestamp",

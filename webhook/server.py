@@ -211,6 +211,7 @@ class WebhookServer(BaseApplication):  # type: ignore[misc]
             tune_gc()
 
         def pre_fork(_server: Any, _worker: Any) -> None:
+            tls.refresh()
             share_with_workers()
             self.fork_signals.hold()
 

@@ -194,10 +194,12 @@ def validity(cert_pem: bytes) -> tuple[float, float]:
 def _der_time(der: bytes, pos: int) -> tuple[float, int]:
     """(Unix time, end) of the UTCTime or GeneralizedTime at `pos`."""
     tag, start, end = _der_element(der, pos)
-    layout = {0x17: "%y%m%d%H%M%SZ", 0x18: "%Y%m%d%H%M%SZ"}.get(tag)
-    if layout is None:
+    text = der[start:end].decode("ascii")
+    if tag == 0x17:  # UTCTime: YY from 50 is 19YY (RFC 5280 4.1.2.5.1; strptime's %y pivots at 69)
+        text = ("19" if text[:2] >= "50" else "20") + text
+    elif tag != 0x18:  # GeneralizedTime
         raise ValueError("no validity in the certificate")
-    moment = datetime.strptime(der[start:end].decode("ascii"), layout)
+    moment = datetime.strptime(text, "%Y%m%d%H%M%SZ")
     return moment.replace(tzinfo=UTC).timestamp(), end
 
 
@@ -268,6 +270,13 @@ class ReloadingContext:
                 self.cert_file, problem,
             )  # fmt: skip
 
+    def refresh(self) -> None:
+        """In the gunicorn master, before it forks a worker: take up the files as a worker
+        would, so that one forked late (in place of one that died) starts from the pair its
+        siblings serve, not from the master's first. Silent: the workers say and count it."""
+        with self._lock:
+            self._reload_if_changed(quiet=True)
+
     def context(self) -> ssl.SSLContext:
         """The context to wrap a new connection with."""
         now = time.monotonic()
@@ -279,10 +288,7 @@ class ReloadingContext:
                 self._lock.release()
         return self._current.context
 
-    def _reload_if_changed(self) -> None:
-        # Imported here: the gunicorn master builds this object and must not create metric files.
-        from . import metrics
-
+    def _reload_if_changed(self, quiet: bool = False) -> None:
         now = time.time()
         stamp = None
         retry_at = math.inf
@@ -292,18 +298,29 @@ class ReloadingContext:
                 return
             pair = load_pair(self.cert_file, self.key_file)
             problem = pair.invalid(now)
-            if problem and self._current.invalid(now) is None:
-                # The API server would refuse it: keep the one it accepts. A certificate not
-                # valid yet (its issuer's clock is ahead of ours) is tried again when it is.
+            if problem and now < self._current.not_after:
+                # The API server would refuse it: keep the current one unless that one has
+                # expired (one not valid yet soon will be). A certificate not valid yet (its
+                # issuer's clock is ahead of ours) is tried again when it is.
                 retry_at = pair.not_before if now < pair.not_before else math.inf
                 raise CertificateError(f"{self.cert_file} {problem}")
         except (OSError, CertificateError) as exc:
-            # Refuse this version of the files once; a later write changes the stamp again.
+            if quiet:
+                return
+            # Refuse this version of the files (until `retry_at`); a later write changes the
+            # stamp again.
             self._rejected, self._retry_at = stamp, retry_at
+            # Imported here: the master must not create metric files.
+            from . import metrics
+
             metrics.CERT_RELOADS.labels("rejected").inc()
             log.warning("keeping the current certificate: %s", exc)
             return
         self._current = pair
+        if quiet:
+            return
+        from . import metrics
+
         metrics.CERT_EXPIRY.set(pair.not_after)
         metrics.CERT_RELOADS.labels("loaded").inc()
         log.info("serving a new certificate", extra={"not_after": pair.not_after})

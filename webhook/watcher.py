@@ -143,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {__name__}")
     parser.add_argument("--socket", required=True)
     parser.add_argument("--namespace", action="append", default=[])
-    parser.add_argument("--lookup-timeout", type=float, default=1.5)
+    parser.add_argument("--lookup-timeout", type=float, required=True)
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     # Ctrl-C reaches the whole process group: `serve` stops this process itself.
