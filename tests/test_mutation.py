@@ -680,6 +680,41 @@ def test_endpoint_protocol_insecure_table(
         assert len(warnings) == 1 and warned in warnings[0], warnings
 
 
+KEPT = "which is kept over what the LocustTest asks for"
+
+
+def judged(m: Any) -> list[str]:
+    """The warnings about the settings' effect, without the one saying the pod's own are kept
+    (test_the_pods_own_otel_values_that_differ_are_said_to_be_kept)."""
+    return [w for w in m.result.warnings if KEPT not in w]
+
+
+def test_the_pods_own_otel_values_that_differ_are_said_to_be_kept() -> None:
+    """The pod's own value wins (SPEC section 4), set by its template or by another webhook
+    that ran first: say so when it hides the LocustTest's, and which of the resource
+    attributes its own OTEL_RESOURCE_ATTRIBUTES goes without. Not for values equal to the
+    LocustTest's, nor for the webhook's own output called again (reinvocation)."""
+    test = locusttest("demo", otel=otel())
+    own = [
+        {"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://other:4317"},
+        {"name": "OTEL_TRACES_EXPORTER", "value": "otlp"},  # the same as the LocustTest's
+        {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "deployment.environment=prod"},
+    ]
+    m = run_mutation(operator_pod("demo", "worker", env=own), test)
+    assert [w for w in m.result.warnings if KEPT in w] == [
+        "LocustTest default/demo: the pod sets OTEL_EXPORTER_OTLP_ENDPOINT, "
+        "OTEL_RESOURCE_ATTRIBUTES (without k8s.namespace.name, k8s.pod.name, locust.role, "
+        f"locust.test.name) itself, {KEPT}"
+    ]
+    again = mutate(
+        run_mutation(operator_pod("demo", "master"), test).pod,
+        parse_locusttest(test),
+        "default",
+        MutationSettings(),
+    )
+    assert again.warnings == []
+
+
 @pytest.mark.parametrize(
     ("variable", "endpoint"),
     [
@@ -713,7 +748,7 @@ def test_otel_setting_the_pod_sets_literally_is_judged_as_set(
 ) -> None:
     """An env entry with an empty or no value sets the variable to '' (not unset)."""
     test = locusttest("demo", otel={"enabled": True, "endpoint": endpoint})
-    warnings = run_mutation(operator_pod("demo", "worker", env=[entry]), test).result.warnings
+    warnings = judged(run_mutation(operator_pod("demo", "worker", env=[entry]), test))
     if warned is None:
         assert warnings == []
     else:
@@ -890,6 +925,36 @@ def test_pods_own_scrape_annotations_win_with_a_warning() -> None:
     assert annotations["prometheus.io/port"] == "8089"
     assert "prometheus.io/path" not in annotations
     assert any("8089" in w for w in m.result.warnings)
+
+
+def istio_master(merged: dict[str, str] | None) -> dict[str, Any]:
+    """A master pod as Istio's injector leaves it before this webhook (it runs first: its
+    configuration's name sorts first), with metrics merging on: prometheus.io/* aimed at its
+    agent, the pod's own scrape settings (if any) in the proxy's environment."""
+    own = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/path": "/stats/prometheus",
+        "prometheus.io/port": "15020",
+    }
+    pod = operator_pod("demo", "master", annotations=own)
+    env = [{"name": "ISTIO_PROMETHEUS_ANNOTATIONS", "value": json.dumps(merged)}] if merged else []
+    proxy = {"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.24.0", "env": env}
+    pod["spec"]["containers"].insert(0, proxy)
+    return pod
+
+
+def test_istio_metrics_merging_that_leaves_out_the_exporter_says_how_to_bring_it_in() -> None:
+    m = run_mutation(istio_master(None), locusttest("demo"))
+    assert m.pod["metadata"]["annotations"]["prometheus.io/port"] == "15020"
+    assert m.result.warnings == [
+        "Istio merges the pod's metrics at prometheus.io/port='15020' without the metrics "
+        "exporter on port 9646: set prometheus.io/scrape 'true', prometheus.io/path '/metrics' "
+        "and prometheus.io/port '9646' in the LocustTest's master annotations, which Istio's "
+        "injector then merges"
+    ]
+    # Done so: Istio scrapes the exporter and serves its metrics with its own.
+    merged = {"scrape": "true", "path": "/metrics", "port": "9646"}
+    assert run_mutation(istio_master(merged), locusttest("demo")).result.warnings == []
 
 
 def test_pods_own_scrape_port_of_the_exporter_gets_no_warning() -> None:
@@ -1094,7 +1159,7 @@ def test_an_endpoint_that_is_not_a_url_is_warned_about_not_an_internal_error(
     own = [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint}]
     m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
     assert m.patch != []
-    [warning] = m.result.warnings
+    [warning] = judged(m)
     assert f"endpoint {endpoint!r} is not a URL (" in warning
 
 
@@ -1105,8 +1170,9 @@ def test_a_long_value_is_cut_where_a_warning_quotes_it_and_its_verdict_not_remem
     own = [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": endpoint}]
     remembered = otel_module._warnings.cache_info().currsize
     m = run_mutation(operator_pod("demo", "worker", env=own), locusttest("demo", otel=otel()))
-    [warning] = m.result.warnings
+    [warning] = judged(m)
     assert "has no scheme" in warning and len(warning) < 500
+    assert all(len(w) < 500 for w in m.result.warnings)
     assert repr(endpoint[:100]) + "..." in warning
     assert otel_module._warnings.cache_info().currsize == remembered
 

@@ -23,6 +23,7 @@ from .otel import (
     configured_natively,
     env_from_warning,
     inject_otel_env,
+    kept_warning,
     otel_warnings,
     service_name_warning,
 )
@@ -135,9 +136,11 @@ def mutate(
             )  # fmt: skip
         # Removing the exporter may shift the Locust container: find it again by name.
         index = next(i for i, c in enumerate(pod["spec"]["containers"]) if c["name"] == target.name)
-        pod, env_added = inject_otel_env(
+        pod, env_added, kept = inject_otel_env(
             pod, index, test, namespace, target, settings.resource_attributes
         )
+        if kept:
+            warnings.append(kept_warning(test, kept))
         hidden = env_from_warning(test, container) if env_added else None
         if hidden:
             warnings.append(hidden)

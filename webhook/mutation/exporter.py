@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from ..config import MutationSettings
 from .pod import (
     EXPORTER_NAME,
     Container,
     ContainerField,
     Pod,
+    env_value,
     pod_annotations,
     shown,
     with_annotations,
@@ -22,6 +25,11 @@ PATH = "prometheus.io/path"
 PORT = "prometheus.io/port"
 SCRAPE_KEYS = (SCRAPE, PATH, PORT)
 FIELDS: tuple[ContainerField, ...] = ("containers", "initContainers")
+# Istio's metrics merging: its injector points prometheus.io/* at its own agent (port 15020),
+# which scrapes the endpoint the pod's annotations named before and merges it into its own;
+# that endpoint is kept in this variable of the proxy, as JSON ({"scrape", "path", "port"}).
+ISTIO_PROXY = "istio-proxy"
+ISTIO_SCRAPE = "ISTIO_PROMETHEUS_ANNOTATIONS"
 
 
 def has_exporter(pod: Pod) -> bool:
@@ -85,15 +93,40 @@ def add_scrape_annotations(pod: Pod, settings: MutationSettings) -> tuple[Pod, l
     return with_annotations(pod, values), [f"annotation:{key}" for key in SCRAPE_KEYS]
 
 
+def _istio_merged_port(pod: Pod) -> str | None:
+    """The port Istio's agent scrapes and merges ('' when none); None without an Istio proxy."""
+    for field in FIELDS:  # a native sidecar is an init container
+        for container in pod["spec"].get(field) or ():
+            if container["name"] == ISTIO_PROXY:
+                try:
+                    scrape = orjson.loads(env_value(container, ISTIO_SCRAPE) or "{}")
+                except orjson.JSONDecodeError:
+                    return ""
+                port = scrape.get("port") if isinstance(scrape, dict) else None
+                return port if isinstance(port, str) else ""
+    return None
+
+
 def scrape_annotation_warning(pod: Pod, settings: MutationSettings) -> str | None:
     """The pod's own prometheus.io/port sends scrapes somewhere other than the exporter."""
     port = pod_annotations(pod).get(PORT)
-    if port is not None and port != str(settings.exporter_port):
+    exporter = str(settings.exporter_port)
+    if port is None or port == exporter:
+        return None
+    merged = _istio_merged_port(pod)
+    if merged == exporter:
+        return None  # Istio's agent scrapes the exporter and serves its metrics at `port`
+    if merged is not None:
         return (
-            f"the pod sets {PORT}={shown(port)} itself: annotation-based scraping will not reach "
-            f"the metrics exporter on port {settings.exporter_port}"
+            f"Istio merges the pod's metrics at {PORT}={shown(port)} without the metrics "
+            f"exporter on port {exporter}: set {SCRAPE} 'true', {PATH} '/metrics' and {PORT} "
+            f"'{exporter}' in the LocustTest's master annotations, which Istio's injector then "
+            "merges"
         )
-    return None
+    return (
+        f"the pod sets {PORT}={shown(port)} itself: annotation-based scraping will not reach "
+        f"the metrics exporter on port {exporter}"
+    )
 
 
 def _exporter_ports(pod: Pod) -> set[str]:

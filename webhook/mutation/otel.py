@@ -137,20 +137,55 @@ def configured_natively(test: LocustTestInfo, container: Container, target: Targ
 
 def inject_otel_env(
     pod: Pod, index: int, test: LocustTestInfo, namespace: str, target: Target, enrich: bool
-) -> tuple[Pod, list[str]]:
-    """Append the OTel env vars the Locust container lacks; the pod's own values win."""
+) -> tuple[Pod, list[str], list[str]]:
+    """Append the OTel env vars the Locust container lacks; the pod's own values win. Also
+    says which of its own hide a value the LocustTest sets (`kept_warning`)."""
     assert test.otel is not None
     container = pod["spec"]["containers"][index]
-    present = {entry["name"] for entry in container.get("env") or ()}
-    missing = [
-        entry
-        for entry in desired_env(test, container, namespace, target, enrich)
-        if entry["name"] not in present
+    own = {entry["name"]: entry for entry in container.get("env") or ()}  # the last of a name
+    desired = desired_env(test, container, namespace, target, enrich)
+    # Judged on literal values only: one from valueFrom is not known here.
+    kept = [
+        str(entry["name"])
+        for entry in desired
+        if "value" in entry
+        and isinstance(theirs := own.get(str(entry["name"]), {}).get("value"), str)
+        and theirs != entry["value"]
     ]
+    lacking = _attributes_lacking(own.get(RESOURCE_ATTRIBUTES), test.otel, target, enrich)
+    if lacking:
+        kept.append(f"{RESOURCE_ATTRIBUTES} (without {', '.join(lacking)})")
+    missing = [entry for entry in desired if entry["name"] not in own]
     if not missing:
-        return pod, []
+        return pod, [], kept
     updated = {**container, "env": [*(container.get("env") or ()), *missing]}
-    return with_container(pod, "containers", index, updated), [f"env:{e['name']}" for e in missing]
+    added = [f"env:{e['name']}" for e in missing]
+    return with_container(pod, "containers", index, updated), added, kept
+
+
+def _attributes_lacking(
+    own: dict[str, Any] | None, spec: OtelSpec, target: Target, enrich: bool
+) -> list[str]:
+    """The resource attributes the webhook would set that the pod's own literal
+    OTEL_RESOURCE_ATTRIBUTES goes without (it is kept as it is)."""
+    value = own.get("value") if own is not None else None
+    if not isinstance(value, str):
+        return []
+    wanted = set(parse_attributes(_spec_env(spec)[1] or ""))
+    if enrich:
+        wanted |= {"k8s.namespace.name", "k8s.pod.name", "locust.test.name"}
+        if target.role != "unknown":
+            wanted.add("locust.role")
+    return sorted(wanted - set(parse_attributes(value)))
+
+
+def kept_warning(test: LocustTestInfo, kept: list[str]) -> str:
+    """The pod's own variables (its template's, or another webhook's that ran first) win over
+    the LocustTest's (SPEC section 4): say so when they differ."""
+    return (
+        f"LocustTest {test.namespace}/{test.name}: the pod sets {', '.join(kept)} itself, "
+        "which is kept over what the LocustTest asks for"
+    )
 
 
 def add_otel_flag(pod: Pod, index: int, target: Target) -> tuple[Pod, list[str]]:
