@@ -171,10 +171,11 @@ def test_a_namespace_only_the_pod_gives_is_refused_when_longer_than_any_namespac
         "pod not mutated: metadata.namespace is longer than a namespace name"
     ]
     assert line["reason"] == "malformed-pod"
-    pod["metadata"]["namespace"] = ["team-a"]  # not a name at all
-    response, line = admission_line(monkeypatch, handler, pod, namespace="")
-    assert response["warnings"] == ["pod not mutated: metadata.namespace must be a string"]
-    assert line["reason"] == "malformed-pod"
+    for value in (["team-a"], 0):  # not a name at all
+        pod["metadata"]["namespace"] = value
+        response, line = admission_line(monkeypatch, handler, pod, namespace="")
+        assert response["warnings"] == ["pod not mutated: metadata.namespace must be a string"]
+        assert line["reason"] == "malformed-pod"
 
 
 def test_a_patch_the_answer_cannot_encode_follows_the_failure_policy(

@@ -680,7 +680,7 @@ def test_endpoint_protocol_insecure_table(
         assert len(warnings) == 1 and warned in warnings[0], warnings
 
 
-KEPT = "which is kept over what the LocustTest asks for"
+KEPT = "which is kept over what the webhook would set"
 
 
 def judged(m: Any) -> list[str]:
@@ -713,6 +713,41 @@ def test_the_pods_own_otel_values_that_differ_are_said_to_be_kept() -> None:
         MutationSettings(),
     )
     assert again.warnings == []
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "asked"),
+    [
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", " GRPC", {}),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http", {"protocol": "http/protobuf"}),
+        ("OTEL_EXPORTER_OTLP_INSECURE", "True", {"insecure": True}),
+        ("OTEL_TRACES_EXPORTER", "OTLP", {}),
+    ],
+)
+def test_the_pods_own_otel_value_read_the_same_way_is_not_said_to_be_kept(
+    name: str, value: str, asked: dict[str, Any]
+) -> None:
+    """Locust reads the protocol and exporter names stripped and in any case ("http" for
+    http/protobuf), the gRPC exporter `insecure` in any case: such a value hides nothing."""
+    test = locusttest("demo", otel=otel(**asked))
+    m = run_mutation(operator_pod("demo", "worker", env=[{"name": name, "value": value}]), test)
+    assert [w for w in m.result.warnings if KEPT in w] == []
+
+
+def test_the_kept_warning_tells_the_resource_attributes_apart_and_reads_empty_entries() -> None:
+    """Attributes the LocustTest asks for with other values in the pod's own, and an env entry
+    without value or valueFrom, which sets its variable to '' (an empty exporter: none)."""
+    test = locusttest("demo", otel=otel(extraEnvVars={"OTEL_RESOURCE_ATTRIBUTES": "team=perf"}))
+    own = [
+        {"name": "OTEL_RESOURCE_ATTRIBUTES", "value": "team=dev,locust.role=worker"},
+        {"name": "OTEL_TRACES_EXPORTER"},
+    ]
+    m = run_mutation(operator_pod("demo", "worker", env=own), test)
+    assert [w for w in m.result.warnings if KEPT in w] == [
+        "LocustTest default/demo: the pod sets OTEL_TRACES_EXPORTER, OTEL_RESOURCE_ATTRIBUTES "
+        "(without k8s.namespace.name, k8s.pod.name, locust.test.name; other values of team) "
+        f"itself, {KEPT}"
+    ]
 
 
 @pytest.mark.parametrize(
@@ -955,6 +990,13 @@ def test_istio_metrics_merging_that_leaves_out_the_exporter_says_how_to_bring_it
     # Done so: Istio scrapes the exporter and serves its metrics with its own.
     merged = {"scrape": "true", "path": "/metrics", "port": "9646"}
     assert run_mutation(istio_master(merged), locusttest("demo")).result.warnings == []
+    # With merging off, Istio leaves the pod's own annotations alone: the plain warning.
+    pod = istio_master(None)
+    pod["metadata"]["annotations"].update(
+        {"prometheus.io/path": "/metrics", "prometheus.io/port": "8089"}
+    )
+    [warning] = run_mutation(pod, locusttest("demo")).result.warnings
+    assert warning.startswith("the pod sets prometheus.io/port='8089' itself")
 
 
 def test_pods_own_scrape_port_of_the_exporter_gets_no_warning() -> None:

@@ -156,11 +156,11 @@ class Handler:
         if opted_out(pod):
             return Outcome(allowed(review.uid), "skipped", "opted-out", test_name)
         # request.namespace; a hand-made review without one may name it in the pod.
-        namespace = review.namespace or metadata.get("namespace") or ""
+        namespace = review.namespace or metadata.get("namespace")
+        if namespace is None or namespace == "":
+            return _malformed(review, "the request has no namespace", test_name)
         if not isinstance(namespace, str):
             return _malformed(review, "metadata.namespace must be a string", test_name)
-        if not namespace:
-            return _malformed(review, "the request has no namespace", test_name)
         if len(namespace) > MAX_NAMESPACE:  # only metadata's: parse_review checked the request's
             return _malformed(
                 review, "metadata.namespace is longer than a namespace name", test_name

@@ -94,16 +94,23 @@ def add_scrape_annotations(pod: Pod, settings: MutationSettings) -> tuple[Pod, l
 
 
 def _istio_merged_port(pod: Pod) -> str | None:
-    """The port Istio's agent scrapes and merges ('' when none); None without an Istio proxy."""
+    """The port Istio's agent scrapes and merges ('' when none); None without Istio's metrics
+    merging (no Istio proxy, or merging off: then Istio leaves prometheus.io/* alone)."""
     for field in FIELDS:  # a native sidecar is an init container
         for container in pod["spec"].get(field) or ():
-            if container["name"] == ISTIO_PROXY:
-                try:
-                    scrape = orjson.loads(env_value(container, ISTIO_SCRAPE) or "{}")
-                except orjson.JSONDecodeError:
-                    return ""
-                port = scrape.get("port") if isinstance(scrape, dict) else None
-                return port if isinstance(port, str) else ""
+            if container["name"] != ISTIO_PROXY:
+                continue
+            raw = env_value(container, ISTIO_SCRAPE)
+            if not raw:  # merging nothing, or off
+                annotations = pod_annotations(pod)
+                merging = annotations.get(PATH) == "/stats/prometheus"
+                return "" if merging else None
+            try:
+                scrape = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return ""
+            port = scrape.get("port") if isinstance(scrape, dict) else None
+            return str(port) if isinstance(port, str | int) else ""
     return None
 
 

@@ -146,15 +146,17 @@ def inject_otel_env(
     desired = desired_env(test, container, namespace, target, enrich)
     # Judged on literal values only: one from valueFrom is not known here.
     kept = [
-        str(entry["name"])
-        for entry in desired
-        if "value" in entry
-        and isinstance(theirs := own.get(str(entry["name"]), {}).get("value"), str)
-        and theirs != entry["value"]
+        name
+        for entry in (desired if own else ())
+        if (name := str(entry["name"])) in own
+        and "value" in entry
+        and isinstance(theirs := _literal(own[name]), str)
+        and _setting(name, theirs) != _setting(name, str(entry["value"]))
     ]
-    lacking = _attributes_lacking(own.get(RESOURCE_ATTRIBUTES), test.otel, target, enrich)
-    if lacking:
-        kept.append(f"{RESOURCE_ATTRIBUTES} (without {', '.join(lacking)})")
+    if RESOURCE_ATTRIBUTES in own:
+        differences = _attributes_kept(own[RESOURCE_ATTRIBUTES], test.otel, target, enrich)
+        if differences:
+            kept.append(f"{RESOURCE_ATTRIBUTES} ({differences})")
     missing = [entry for entry in desired if entry["name"] not in own]
     if not missing:
         return pod, [], kept
@@ -163,28 +165,54 @@ def inject_otel_env(
     return with_container(pod, "containers", index, updated), added, kept
 
 
-def _attributes_lacking(
-    own: dict[str, Any] | None, spec: OtelSpec, target: Target, enrich: bool
-) -> list[str]:
-    """The resource attributes the webhook would set that the pod's own literal
-    OTEL_RESOURCE_ATTRIBUTES goes without (it is kept as it is)."""
-    value = own.get("value") if own is not None else None
-    if not isinstance(value, str):
-        return []
-    wanted = set(parse_attributes(_spec_env(spec)[1] or ""))
-    if enrich:
-        wanted |= {"k8s.namespace.name", "k8s.pod.name", "locust.test.name"}
-        if target.role != "unknown":
-            wanted.add("locust.role")
-    return sorted(wanted - set(parse_attributes(value)))
+def _literal(entry: dict[str, Any]) -> str | None:
+    """The value an env entry sets ('' without value and valueFrom), None for valueFrom."""
+    value = entry.get("value")
+    if isinstance(value, str):
+        return value
+    return None if "valueFrom" in entry else ""
+
+
+def _setting(name: str, value: str) -> str | bool:
+    """A value as what reads it takes it: Locust the protocol and exporter names stripped and in
+    any case ("http" for http/protobuf) and its switch as a flag, the gRPC exporter `insecure`
+    in any case."""
+    if name == "OTEL_EXPORTER_OTLP_PROTOCOL" or name.endswith("_EXPORTER"):
+        value = value.strip().lower()
+        return "http/protobuf" if value == "http" else value
+    if name == "OTEL_EXPORTER_OTLP_INSECURE":
+        return value.lower()
+    if name == ENABLE_VAR:
+        return value.lower() in ("true", "1", "yes", "on")
+    return value
+
+
+def _attributes_kept(own: dict[str, Any], spec: OtelSpec, target: Target, enrich: bool) -> str:
+    """How the pod's own literal OTEL_RESOURCE_ATTRIBUTES (kept as it is) differs from what
+    the webhook would set: the attributes it goes without, and the LocustTest's it gives
+    other values; '' when none."""
+    value = _literal(own)
+    if value is None:
+        return ""
+    theirs = parse_attributes(value)
+    asked = parse_attributes(_spec_env(spec)[1] or "")
+    ours = {"k8s.namespace.name", "k8s.pod.name", "locust.test.name"} if enrich else set()
+    if enrich and target.role != "unknown":
+        ours.add("locust.role")
+    without = sorted((asked.keys() | ours) - theirs.keys())
+    other = sorted(key for key, wanted in asked.items() if theirs.get(key, wanted) != wanted)
+    parts = [f"without {', '.join(without)}"] if without else []
+    if other:
+        parts.append(f"other values of {', '.join(other)}")
+    return "; ".join(parts)
 
 
 def kept_warning(test: LocustTestInfo, kept: list[str]) -> str:
     """The pod's own variables (its template's, or another webhook's that ran first) win over
-    the LocustTest's (SPEC section 4): say so when they differ."""
+    what the webhook would set (SPEC section 4): say so when they differ."""
     return (
         f"LocustTest {test.namespace}/{test.name}: the pod sets {', '.join(kept)} itself, "
-        "which is kept over what the LocustTest asks for"
+        "which is kept over what the webhook would set"
     )
 
 
