@@ -166,20 +166,27 @@ def inject_otel_env(
 
 
 def _literal(entry: dict[str, Any]) -> str | None:
-    """The value an env entry sets ('' without value and valueFrom), None for valueFrom."""
+    """The value an env entry sets ('' without a value), None when it is from valueFrom."""
+    if entry.get("valueFrom") is not None:
+        return None
     value = entry.get("value")
-    if isinstance(value, str):
-        return value
-    return None if "valueFrom" in entry else ""
+    return value if isinstance(value, str) else ""
+
+
+def _protocol(value: str) -> str:
+    """The protocol as Locust reads it: stripped, in any case, "http" for http/protobuf."""
+    value = value.strip().lower()
+    return "http/protobuf" if value == "http" else value
 
 
 def _setting(name: str, value: str) -> str | bool:
     """A value as what reads it takes it: Locust the protocol and exporter names stripped and in
     any case ("http" for http/protobuf) and its switch as a flag, the gRPC exporter `insecure`
     in any case."""
-    if name == "OTEL_EXPORTER_OTLP_PROTOCOL" or name.endswith("_EXPORTER"):
-        value = value.strip().lower()
-        return "http/protobuf" if value == "http" else value
+    if name == "OTEL_EXPORTER_OTLP_PROTOCOL":
+        return _protocol(value)
+    if name.endswith("_EXPORTER"):
+        return value.strip().lower()
     if name == "OTEL_EXPORTER_OTLP_INSECURE":
         return value.lower()
     if name == ENABLE_VAR:
@@ -255,10 +262,8 @@ def _effective(
     entry = own.get(name)
     if entry is None:
         return extra.get(name, default)
-    if entry.get("valueFrom") is not None:
-        return UNKNOWN
-    value = entry.get("value")
-    return value if isinstance(value, str) else ""
+    value = _literal(entry)
+    return UNKNOWN if value is None else value
 
 
 def otel_warnings(test: LocustTestInfo, container: Container) -> list[str]:
@@ -383,9 +388,7 @@ def _warnings(
         return tuple(warnings)
     if endpoint is UNKNOWN or protocol is UNKNOWN:
         return tuple(warnings)
-    # Locust reads the protocol stripped and in any case, and takes "http" for http/protobuf.
-    chosen = ("grpc" if protocol is None else protocol).strip().lower()
-    chosen = "http/protobuf" if chosen == "http" else chosen
+    chosen = _protocol("grpc" if protocol is None else protocol)
     if chosen not in PROTOCOLS:
         warnings.append(
             f"{where}: protocol {shown(protocol or '')} is not supported; use grpc or http/protobuf"
