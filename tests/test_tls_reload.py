@@ -470,6 +470,30 @@ def expiry() -> float | None:
     return REGISTRY.get_sample_value("locust_webhook_certificate_expiry_timestamp_seconds")
 
 
+def test_a_missing_file_is_said_once_until_the_files_change(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every check (about once a second with traffic) logged and counted it again."""
+    from webhook.tls import ReloadingContext
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    served = write_self_signed(tmp_path / "served", now - timedelta(1), now + timedelta(1))
+    key = served / "tls.key"
+    tls = ReloadingContext(str(served / "tls.crt"), str(key), check_interval=0)
+    first = tls.context()
+    rejected = rejected_reloads()
+    with caplog.at_level(logging.WARNING, logger="webhook.tls"):
+        for _ in range(2):  # gone, back as it was, gone again: said each time it goes
+            key.rename(served / "tls.key.bak")
+            for _ in range(5):
+                assert tls.context() is first
+            (served / "tls.key.bak").rename(key)
+            assert tls.context() is first
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all("keeping the current certificate" in m for m in said), said
+    assert rejected_reloads() == rejected + 2
+
+
 def test_a_certificate_not_valid_yet_is_kept_over_an_expired_one(tmp_path: Path) -> None:
     """Only an expired current certificate gives way to files the API server would refuse: one
     not valid yet (a few seconds of clock skew) soon will be."""

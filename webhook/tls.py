@@ -249,7 +249,8 @@ class ReloadingContext:
         self._lock = threading.Lock()
         self._current = load_pair(cert_file, key_file)
         self._checked = time.monotonic()
-        self._rejected: tuple[tuple[int, int, int], ...] | None = None
+        # The files refused last: their stamp, or the error of a file that cannot be stat()ed.
+        self._rejected: tuple[tuple[int, int, int], ...] | str | None = None
         self._retry_at = math.inf  # when the rejected files are tried again (Unix time)
 
     def publish(self) -> None:
@@ -294,7 +295,10 @@ class ReloadingContext:
         retry_at = math.inf
         try:
             stamp = _stamp(self.cert_file, self.key_file)
-            if stamp == self._current.stamp or (stamp == self._rejected and now < self._retry_at):
+            if stamp == self._current.stamp:
+                self._rejected = None  # what was refused since is gone
+                return
+            if stamp == self._rejected and now < self._retry_at:
                 return
             pair = load_pair(self.cert_file, self.key_file)
             problem = pair.invalid(now)
@@ -308,8 +312,11 @@ class ReloadingContext:
             if quiet:
                 return
             # Refuse this version of the files (until `retry_at`); a later write changes the
-            # stamp again.
-            self._rejected, self._retry_at = stamp, retry_at
+            # stamp again. A file missing is said once, until the files change.
+            refused = str(exc) if stamp is None else stamp
+            if stamp is None and refused == self._rejected:
+                return
+            self._rejected, self._retry_at = refused, retry_at
             # Imported here: the master must not create metric files.
             from . import metrics
 
